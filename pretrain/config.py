@@ -1,0 +1,294 @@
+"""The typed configuration schema: one dataclass per group, registered in Hydra's ConfigStore.
+
+`conf/` holds only YAML presets that fill these dataclasses; `launch/train.py` converts the
+composed config to `TrainConfig` once (`OmegaConf.to_object`) and calls `validate()` before any
+process group, file or tensor is created. Builders receive the narrowest sub-config they need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder."""
+
+    name: str = "cpu"
+    """Preset name, used in run names and summaries."""
+    dim: int = 256
+    """Hidden size."""
+    n_layers: int = 6
+    """Number of transformer blocks."""
+    n_heads: int = 8
+    """Attention (query) heads."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means n_heads (multi-head)."""
+    vocab_size: int = 8192
+    """Vocabulary size; must equal the tokenizer's."""
+    multiple_of: int = 256
+    """SwiGLU hidden size is rounded up to a multiple of this."""
+    ffn_dim_multiplier: Optional[float] = None
+    """Optional multiplier on the SwiGLU hidden size (Llama-2 70B / Llama-3 style)."""
+    ffn_hidden_dim: Optional[int] = None
+    """Explicit SwiGLU hidden size; overrides multiple_of / ffn_dim_multiplier when set."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama-3.1 style rotary frequency scaling factor; None disables scaling."""
+    rope_low_freq_factor: float = 1.0
+    """Llama-3.1 rotary scaling: low-frequency factor."""
+    rope_high_freq_factor: float = 4.0
+    """Llama-3.1 rotary scaling: high-frequency factor."""
+    rope_original_max_seq_len: int = 8192
+    """Llama-3.1 rotary scaling: context length the base model was trained with."""
+    max_seq_len: int = 2048
+    """Longest sequence the rotary table covers."""
+    tie_embeddings: bool = False
+    """Share the token embedding and output projection weights."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialization of weight matrices."""
+    depth_init: bool = True
+    """Scale output projections (wo, w2) by 1/sqrt(2 * (layer_id + 1)); else by 1/sqrt(2*L)."""
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from and how they are cut into windows."""
+
+    name: str = "builtin"
+    """Dataset name, used for cache directories and summaries."""
+    source: str = "builtin"
+    """'builtin' (the running Python's standard library sources), a local path or glob of
+    .txt/.jsonl/.parquet files, or 'hf:NAME[:CONFIG]' for a hub dataset streamed with datasets."""
+    text_field: str = "text"
+    """Field holding the document text in .jsonl/.parquet/hub records."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    dir: Optional[str] = None
+    """Prepared shard directory; None means a cache directory derived from name and tokenizer."""
+    tokenizer: Optional[str] = None
+    """SentencePiece model file; None trains one on the corpus (cached) on first use."""
+    cache_dir: str = "${oc.env:PRETRAIN_CACHE,${oc.env:HOME}/.cache/pretrain}"
+    """Where trained tokenizers and prepared shards are cached."""
+    max_bytes: int = 8_000_000
+    """Cap on corpus bytes read when preparing the built-in corpus (0: no cap)."""
+    tokenizer_sample_bytes: int = 3_000_000
+    """Bytes of the corpus sampled to train a tokenizer."""
+    val_fraction: float = 0.02
+    """Fraction of documents held out for validation."""
+    shard_tokens: int = 1_048_576
+    """Tokens per shard file."""
+    prepare_workers: int = 2
+    """Worker processes for tokenization."""
+    num_workers: int = 0
+    """Loader worker processes (0: read in the training process)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms, not embeddings)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    schedule: str = "cosine"
+    """'cosine' (warmup then cosine), 'wsd' (warmup-stable-decay) or 'constant'."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of the steps spent in the final linear decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    implementation: str = "auto"
+    """'fused', 'foreach', 'for-loop', or 'auto' (fused on GPU, foreach elsewhere)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is laid out (see pretrain/parallel)."""
+
+    backend: str = "native"
+    """'native' (torch.distributed: DDP/FSDP2/TP/PP) or 'deepspeed'."""
+    dp_replicate: int = 1
+    """Replicated data-parallel degree (DDP; with dp_shard > 1, HSDP)."""
+    dp_shard: int = -1
+    """Sharded data-parallel degree (FSDP2); -1 takes what the other degrees leave."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    sequence_parallel: bool = True
+    """With tp > 1, shard norms and dropout activations along the sequence."""
+    pp_schedule: str = "1F1B"
+    """Pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble."""
+    pp_microbatches: Optional[int] = None
+    """Pipeline micro-batches per step; None means the number of pipeline stages."""
+    pp_virtual_stages: int = 1
+    """Stages per pipeline rank (>1 for interleaved schedules)."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2 like)."""
+    fsdp_param_dtype: str = "bf16"
+    """FSDP2 mixed precision: parameter dtype in compute ('bf16' or 'fp32')."""
+    fsdp_reduce_dtype: str = "fp32"
+    """FSDP2 mixed precision: gradient reduction dtype."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (1, 2 or 3) when backend is deepspeed."""
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config keys merged into the generated JSON."""
+    timeout_s: int = 600
+    """Collective timeout in seconds."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless the user has logged in)."""
+    wandb_mode: str = "auto"
+    """'auto' (online if an API key is configured, else offline), 'online', 'offline'."""
+    project: str = "pretrain"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity."""
+    group: Optional[str] = None
+    """W&B group (sweeps set this)."""
+    log_every: int = 10
+    """Steps between console lines and metrics.jsonl records."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    """The root config of one training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    """Run directory name under output_root; resume=auto looks for checkpoints there."""
+    output_root: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 1234
+    """Seed of model initialization, data order and sampling."""
+    steps: int = 300
+    """Optimizer steps."""
+    tokens: Optional[int] = None
+    """Token budget; when set, steps = tokens // (global_batch_size * seq_len)."""
+    seq_len: int = 256
+    """Training sequence length (tokens per window, excluding the shifted target)."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one rank; accumulation makes up the rest."""
+    precision: str = "bf16"
+    """'fp32', 'bf16' (autocast) or 'fp16' (autocast with a loss scaler; GPU only)."""
+    activation_checkpointing: str = "none"
+    """'none', 'full' (recompute every block) or 'selective' (keep matmul outputs)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu' or 'cuda'."""
+    eval_every: int = 100
+    """Steps between validation passes (0: only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per validation pass."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (0: only at the end)."""
+    ckpt_keep: int = 2
+    """Checkpoints to keep (the newest; 0 keeps all)."""
+    resume: str = "auto"
+    """'auto' (latest good checkpoint in the run directory), 'none', or a checkpoint path."""
+    time_limit_s: float = 0.0
+    """Wall-time limit; when reached, checkpoint and stop (0: none)."""
+    nonfinite_policy: str = "halt"
+    """On a non-finite loss or gradient norm: 'halt' or 'skip' the step."""
+    max_skips: int = 5
+    """With nonfinite_policy=skip: halt after this many consecutive skipped steps."""
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["def ", "import ", "class "]
+    )
+    """Prompts sampled from at the end of the run (empty: none)."""
+    sample_tokens: int = 48
+    """Tokens generated per sample."""
+    tags: dict[str, Any] = field(default_factory=dict)
+    """Free-form key/values recorded in summary.json as `sweep` (sweeps set these)."""
+
+
+_GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "parallel": ParallelConfig,
+    "logging": LoggingConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/train.yaml` and every preset are type-checked by Hydra."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Checks of the model shape alone."""
+    kv = m.n_kv_heads or m.n_heads
+    _require(m.dim % m.n_heads == 0,
+             f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "
+             "choose n_heads that divides dim")
+    _require(m.n_heads % kv == 0,
+             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}; "
+             "choose n_kv_heads that divides n_heads")
+    _require((m.dim // m.n_heads) % 2 == 0,
+             f"head dim {m.dim // m.n_heads} (model.dim / model.n_heads) must be even for RoPE")
+    _require(m.vocab_size > 0 and m.n_layers > 0, "model.vocab_size and model.n_layers must be > 0")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every cross-field check, run before any process group, file or allocation."""
+    validate_model(cfg.model)
+    _require(cfg.precision in ("fp32", "bf16", "fp16"),
+             f"precision={cfg.precision!r}; use fp32, bf16 or fp16")
+    _require(cfg.activation_checkpointing in ("none", "full", "selective"),
+             f"activation_checkpointing={cfg.activation_checkpointing!r}; "
+             "use none, full or selective")
+    _require(cfg.optim.schedule in ("cosine", "wsd", "constant"),
+             f"optim.schedule={cfg.optim.schedule!r}; use cosine, wsd or constant")
+    _require(cfg.nonfinite_policy in ("halt", "skip"),
+             f"nonfinite_policy={cfg.nonfinite_policy!r}; use halt or skip")
+    _require(cfg.seq_len <= cfg.model.max_seq_len,
+             f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+             "lower seq_len or raise model.max_seq_len")
+    _require(cfg.global_batch_size % cfg.micro_batch_size == 0,
+             f"global_batch_size={cfg.global_batch_size} is not divisible by "
+             f"micro_batch_size={cfg.micro_batch_size}")
+    _require(cfg.steps > 0 or (cfg.tokens or 0) > 0, "steps (or tokens) must be > 0")
+    _require(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")

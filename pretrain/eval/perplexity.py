@@ -1,0 +1,41 @@
+"""Validation loss and perplexity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32; logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> dict[str, float]:
+    """Token-weighted mean loss over `batches` (every window has the same length)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast():
+            logits = model(inputs)
+        total[0] += cross_entropy(logits, targets).double() * targets.numel()
+        total[1] += targets.numel()
+    total = all_reduce(total)
+    model.train(was_training)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}

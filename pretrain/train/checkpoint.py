@@ -1,0 +1,279 @@
+"""Checkpoints: model and optimizer through torch.distributed.checkpoint (sharded, reshardable),
+the rest of the training state as JSON, written atomically with an integrity manifest.
+
+Layout of a run's checkpoints:
+
+    checkpoints/
+      latest                  name of the newest complete checkpoint (moved last)
+      step_00000100/
+        .metadata, *.distcp   model + optimizer (DCP; one file per rank)
+        trainer_state.json    step, tokens, schedule, data loader position, config
+        rng_rank{r}.pt        per-rank RNG states
+        integrity.json        size and sha256 of every file above (written last)
+      step_00000200.tmp/      a checkpoint being written: never selected
+
+A checkpoint directory appears under its final name only once every file and the integrity
+manifest are on disk, so a crash mid-write leaves at most a `.tmp` directory behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+STEP_PREFIX = "step_"
+INTEGRITY = "integrity.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+class ModelOptimState(Stateful):
+    """Model + optimizer as one DCP-stateful object (FQN keys, layout independent)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        optims = [] if self.optimizer is None else self.optimizer
+        set_state_dict(
+            self.model,
+            optims,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict.get("optim", {}),
+        )
+
+
+# DCP warns on every single-process save/load; one process is a supported layout here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def write_integrity(ckpt: Path) -> None:
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != INTEGRITY)
+    manifest = {
+        str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+    }
+    _write_json_atomic(ckpt / INTEGRITY, manifest)
+
+
+def verify_integrity(ckpt: Path) -> None:
+    """Raise CheckpointError naming the first missing, resized or altered file."""
+    manifest_path = ckpt / INTEGRITY
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no {INTEGRITY}: it was never completed")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint manifest {manifest_path} is corrupt: {e}") from e
+    for rel, meta in manifest.items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if path.stat().st_size != meta["size"]:
+            raise CheckpointError(
+                f"checkpoint file {path} has {path.stat().st_size} bytes, expected {meta['size']}"
+            )
+        if _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint file {path} fails its checksum (corrupted)")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories (no .tmp), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp")
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def find_resumable(root: Path) -> Path | None:
+    """The newest checkpoint that passes its integrity check; warns about each one skipped."""
+    for ckpt in reversed(list_checkpoints(root)):
+        try:
+            verify_integrity(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint: {e}; falling back to an older one",
+                          stacklevel=2)
+    return None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    *,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically (collective: every rank calls it)."""
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save({"app": ModelOptimState(model, optimizer)}, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        _write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+        write_integrity(tmp)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_json_atomic(root / "latest.json", {"checkpoint": final.name, "step": step})
+        prune(root, keep)
+    _barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (0 keeps all)."""
+    if keep <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """Load model (+ optimizer) and this rank's RNG state; return the trainer state."""
+    verify_integrity(ckpt)
+    state = {"app": ModelOptimState(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    rng_path = ckpt / f"rng_rank{_rank()}.pt"
+    if rng_path.is_file():
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    return json.loads((ckpt / TRAINER_STATE).read_text())
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / TRAINER_STATE).read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory, a checkpoints/ directory or one checkpoint → one verified checkpoint."""
+    p = Path(path)
+    for root in (p / "checkpoints", p):
+        if (root / INTEGRITY).is_file():
+            return root
+        found = find_resumable(root)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"no complete checkpoint under {p}; pass a run directory or a checkpoints/step_* "
+        "directory written by pretrain-train"
+    )
+
+
+def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The run's model on CPU with the checkpoint's weights, and the run's trainer state."""
+    from pretrain.config import ModelConfig  # local: keep this module light
+    from pretrain.models.llama import build_model
+
+    ckpt = resolve_checkpoint(path)
+    state = load_trainer_state(ckpt)
+    model = build_model(ModelConfig(**state["config"]["model"]), device="cpu")
+    with torch.no_grad():
+        model.init_weights()  # buffers (RoPE) are not in the checkpoint
+    load_checkpoint(ckpt, model, None)
+    return model, state
+
+
+def load_model_for_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A full (unsharded) model state dict and the run's trainer state, on one process."""
+    model, state = load_model_from_checkpoint(path)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)), state

@@ -1,0 +1,77 @@
+"""Shared fixtures: a per-session cache for tokenizers/shards, and the training entry as a
+subprocess (the real Hydra app, exactly as users start it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Overrides for a tiny, fast fp32 run on a small slice of the built-in corpus.
+TINY = [
+    "model=debug",
+    "model.vocab_size=512",
+    "data.max_bytes=400000",
+    "data.tokenizer_sample_bytes=200000",
+    "data.shard_tokens=32768",
+    "seq_len=64",
+    "global_batch_size=8",
+    "micro_batch_size=4",
+    "precision=fp32",
+    "logging=none",
+    "logging.progress_bar=false",
+    "eval_batches=2",
+    "sample_prompts=[]",
+    "optim.warmup_steps=2",
+]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the whole session, so the tiny tokenizer and shards are built once."""
+    path = tmp_path_factory.mktemp("pretrain-cache")
+    os.environ["PRETRAIN_CACHE"] = str(path)
+    return path
+
+
+def train_env(cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PRETRAIN_CACHE=str(cache_dir), WANDB_MODE="offline", WANDB_SILENT="true",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def run_train(cache_dir: Path, out: Path, name: str, *overrides: str,
+              check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m launch.train` with TINY + overrides, run dir out/name."""
+    cmd = [sys.executable, "-m", "launch.train", *TINY, f"output_root={out}", f"run_name={name}",
+           *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(cache_dir), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}

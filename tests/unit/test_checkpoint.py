@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pretrain.train import checkpoint as ckpt
+
+
+def _model_and_optim(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _save(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
+          keep: int = 0) -> Path:
+    return ckpt.save_checkpoint(root, step, model, opt, {"counters": {"step": step}}, keep=keep)
+
+
+def test_round_trip_restores_model_and_optimizer(tmp_path: Path) -> None:
+    model, opt = _model_and_optim(0)
+    path = _save(tmp_path, 5, model, opt)
+    other, other_opt = _model_and_optim(1)
+    state = ckpt.load_checkpoint(path, other, other_opt)
+    assert state["counters"]["step"] == 5
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    sa, sb = opt.state_dict()["state"], other_opt.state_dict()["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"])
+
+
+def test_flipped_byte_is_named_and_auto_resume_falls_back(tmp_path: Path) -> None:
+    model, opt = _model_and_optim(0)
+    good = _save(tmp_path, 1, model, opt)
+    bad = _save(tmp_path, 2, model, opt)
+    shard = next(bad.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=shard.name):
+        ckpt.verify_integrity(bad)
+    with pytest.warns(UserWarning, match="damaged"):
+        assert ckpt.find_resumable(tmp_path) == good
+
+
+def test_partial_checkpoint_is_never_selected(tmp_path: Path) -> None:
+    model, opt = _model_and_optim(0)
+    good = _save(tmp_path, 1, model, opt)
+    (tmp_path / "step_00000002.tmp").mkdir()  # a crash mid-write leaves this behind
+    (tmp_path / "step_00000002.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    assert ckpt.list_checkpoints(tmp_path) == [good]
+    assert ckpt.find_resumable(tmp_path) == good
+
+
+def test_keep_last_k(tmp_path: Path) -> None:
+    model, opt = _model_and_optim(0)
+    for step in range(1, 5):
+        _save(tmp_path, step, model, opt, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003",
+                                                                   "step_00000004"]

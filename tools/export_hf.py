@@ -1,0 +1,41 @@
+"""Turn a run's checkpoint into a Hugging Face directory that
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load.
+
+    pretrain-export-hf runs/NAME out/hf-model [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.interop.hf import export_hf
+from pretrain.train.checkpoint import CheckpointError, load_model_for_export
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoint", help="run directory, checkpoints/ directory or one checkpoint")
+    p.add_argument("out_dir", help="directory to write (config, safetensors, tokenizer)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
+    args = p.parse_args(argv)
+    try:
+        state_dict, state = load_model_for_export(args.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = ModelConfig(**state["config"]["model"])
+    export_hf(state_dict, cfg, args.out_dir, tokenizer_path=args.tokenizer
+              or state.get("tokenizer_path"), dtype=_DTYPES[args.dtype])
+    print(f"wrote {args.out_dir} ({cfg.name}, step {state['counters']['step']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
