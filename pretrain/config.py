@@ -7,10 +7,13 @@ process group, file or tensor is created. Builders receive the narrowest sub-con
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from datetime import datetime
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 class ConfigError(ValueError):
@@ -29,21 +32,21 @@ class ModelConfig:
     """Number of transformer blocks."""
     n_heads: int = 8
     """Attention (query) heads."""
-    n_kv_heads: Optional[int] = None
+    n_kv_heads: int | None = None
     """Key/value heads for grouped-query attention; None means n_heads (multi-head)."""
     vocab_size: int = 8192
     """Vocabulary size; must equal the tokenizer's."""
     multiple_of: int = 256
     """SwiGLU hidden size is rounded up to a multiple of this."""
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     """Optional multiplier on the SwiGLU hidden size (Llama-2 70B / Llama-3 style)."""
-    ffn_hidden_dim: Optional[int] = None
+    ffn_hidden_dim: int | None = None
     """Explicit SwiGLU hidden size; overrides multiple_of / ffn_dim_multiplier when set."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
-    rope_scaling_factor: Optional[float] = None
+    rope_scaling_factor: float | None = None
     """Llama-3.1 style rotary frequency scaling factor; None disables scaling."""
     rope_low_freq_factor: float = 1.0
     """Llama-3.1 rotary scaling: low-frequency factor."""
@@ -74,9 +77,9 @@ class DataConfig:
     """Field holding the document text in .jsonl/.parquet/hub records."""
     split: str = "train"
     """Split of a hub dataset."""
-    dir: Optional[str] = None
+    dir: str | None = None
     """Prepared shard directory; None means a cache directory derived from name and tokenizer."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """SentencePiece model file; None trains one on the corpus (cached) on first use."""
     cache_dir: str = "${oc.env:PRETRAIN_CACHE,${oc.env:HOME}/.cache/pretrain}"
     """Where trained tokenizers and prepared shards are cached."""
@@ -140,7 +143,7 @@ class ParallelConfig:
     """With tp > 1, shard norms and dropout activations along the sequence."""
     pp_schedule: str = "1F1B"
     """Pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble."""
-    pp_microbatches: Optional[int] = None
+    pp_microbatches: int | None = None
     """Pipeline micro-batches per step; None means the number of pipeline stages."""
     pp_virtual_stages: int = 1
     """Stages per pipeline rank (>1 for interleaved schedules)."""
@@ -168,14 +171,60 @@ class LoggingConfig:
     """'auto' (online if an API key is configured, else offline), 'online', 'offline'."""
     project: str = "pretrain"
     """W&B project."""
-    entity: Optional[str] = None
+    entity: str | None = None
     """W&B entity."""
-    group: Optional[str] = None
+    group: str | None = None
     """W&B group (sweeps set this)."""
     log_every: int = 10
     """Steps between console lines and metrics.jsonl records."""
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class LauncherConfig:
+    """How `pretrain-launch` starts the per-rank entry (ignored by the entry itself)."""
+
+    kind: str = "local"
+    """'local' (one process, here), 'torchrun', 'deepspeed' or 'slurm'."""
+    nproc_per_node: int = 1
+    """Processes per node (GPUs per node)."""
+    nnodes: int = 1
+    """Number of nodes."""
+    node_rank: int | None = None
+    """This node's rank (static rendezvous); None uses the c10d rendezvous."""
+    rdzv_endpoint: str = "localhost:29500"
+    """host:port of the rendezvous (the first node) for multi-node torchrun."""
+    rdzv_id: str = "pretrain"
+    """Rendezvous id shared by every node of one job."""
+    max_restarts: int = 0
+    """torchrun: restart the whole job this many times after a rank fails."""
+    hostfile: str | None = None
+    """deepspeed: hostfile listing `host slots=N` lines."""
+    include: str | None = None
+    """deepspeed: hosts/devices to use, e.g. 'worker-0:0,1@worker-1'."""
+    exclude: str | None = None
+    """deepspeed: hosts/devices to skip."""
+    master_port: int = 29500
+    """deepspeed: port of the first host."""
+    partition: str | None = None
+    """slurm: partition."""
+    account: str | None = None
+    """slurm: account."""
+    time: str = "24:00:00"
+    """slurm: wall-time limit."""
+    cpus_per_task: int = 8
+    """slurm: CPUs per task (one task per node)."""
+    gpus_per_node: int = 8
+    """slurm: GPUs per node (--gpus-per-node)."""
+    sbatch_extra: list[str] = field(default_factory=list)
+    """slurm: extra `#SBATCH` lines, e.g. ['--qos=high']."""
+    setup: list[str] = field(default_factory=list)
+    """slurm: shell lines run before torchrun (module load, venv activation)."""
+    dry_run: bool = False
+    """Print the command (or sbatch script) instead of running it."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for the launched processes."""
 
 
 @dataclass
@@ -187,16 +236,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
-    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
-    """Run directory name under output_root; resume=auto looks for checkpoints there."""
+    run_name: str = "${default_run_name:}"
+    """Run directory name under output_root; resume=auto looks for checkpoints there. The
+    default is the torchrun run id when there is one (the same on every rank and restart),
+    else the start time."""
     output_root: str = "runs"
     """Parent directory of run directories."""
     seed: int = 1234
     """Seed of model initialization, data order and sampling."""
     steps: int = 300
     """Optimizer steps."""
-    tokens: Optional[int] = None
+    tokens: int | None = None
     """Token budget; when set, steps = tokens // (global_batch_size * seq_len)."""
     seq_len: int = 256
     """Training sequence length (tokens per window, excluding the shifted target)."""
@@ -238,17 +290,17 @@ class TrainConfig:
     """Free-form key/values recorded in summary.json as `sweep` (sweeps set these)."""
 
 
-_GROUPS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "parallel": ParallelConfig,
-    "logging": LoggingConfig,
-}
+def default_run_name() -> str:
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return f"run-{run_id}"
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def register_configs() -> None:
     """Register the schema so `conf/train.yaml` and every preset are type-checked by Hydra."""
+    if not OmegaConf.has_resolver("default_run_name"):
+        OmegaConf.register_new_resolver("default_run_name", default_run_name, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
 

@@ -63,8 +63,9 @@ class ConsoleSink(Sink):
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.bar.update(step - self.last_step)
         self.last_step = step
+        mfu = 100 * metrics["perf/mfu"]
         text = (f"loss {metrics['train/loss']:.3f} | lr {metrics['train/lr']:.2e} | "
-                f"{metrics['perf/tokens_per_sec']:.0f} tok/s | MFU {100 * metrics['perf/mfu']:.1f}%")
+                f"{metrics['perf/tokens_per_sec']:.0f} tok/s | MFU {mfu:.1f}%")
         if self.progress_bar:
             self.bar.set_postfix_str(text, refresh=False)
         else:
