@@ -31,7 +31,7 @@ def tiny_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_train(cache_dir, out, "tiny", "steps=60", "optim.lr=1e-2", "eval_every=30",
               "ckpt_every=30", "logging=wandb", "logging.wandb_mode=offline",
               "logging.progress_bar=false", "logging.log_every=5", "precision=bf16",
-              "sample_prompts=[def ]", "sample_tokens=8")
+              "sample_prompts=[import]", "sample_tokens=8")
     return out / "tiny"
 
 
@@ -44,7 +44,7 @@ def test_loss_falls_and_run_dir_is_complete(tiny_run: Path) -> None:
     assert summary["tokens"] == 60 * 8 * 64
     assert summary["final_val_loss"] < first
     assert summary["params"] > summary["non_embedding_params"] > 0
-    assert summary["samples"] and summary["samples"][0]["prompt"] == "def "
+    assert summary["samples"] and summary["samples"][0]["prompt"] == "import"
     assert (tiny_run / "config.yaml").is_file()
     assert (tiny_run / "checkpoints" / "step_00000060" / "integrity.json").is_file()
     records = read_metrics(tiny_run)
