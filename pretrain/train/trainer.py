@@ -102,6 +102,10 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any]:
 
 
 def total_steps_of(cfg: TrainConfig) -> int:
+    """From flops_budget, else tokens, else steps; the schedule spans exactly these steps."""
+    if cfg.flops_budget:
+        tokens = cfg.flops_budget / flops_per_token(cfg.model, cfg.seq_len)
+        return max(1, int(tokens // (cfg.global_batch_size * cfg.seq_len)))
     if cfg.tokens:
         return max(1, cfg.tokens // (cfg.global_batch_size * cfg.seq_len))
     return cfg.steps
