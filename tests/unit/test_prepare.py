@@ -1,0 +1,353 @@
+"""Sources, preparation into shards, and the trainer's cached `ensure_prepared`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pretrain.config import DataConfig
+from pretrain.data import (
+    DataError,
+    Tokenizer,
+    ensure_prepared,
+    is_val_document,
+    iter_documents,
+    read_manifest,
+    read_shard,
+    train_tokenizer,
+)
+from pretrain.data import prepare as prepare_mod
+from pretrain.data import sources as sources_mod
+from pretrain.data.builtin import builtin_files, stdlib_dir
+from pretrain.data.prepare import prepare
+from tools import prepare_data as prepare_tool
+
+VOCAB = 400
+SYLLABLES = ["al", "be", "ga", "de", "ïv", "中", "文", "🐍", "re", "tu", "rn", "se", "lf", "la",
+             "mb", "da", "ko", "zi", "pu", "x", "y", "_", "q", "wo", "ng"]
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    """Small code-like documents of varied length."""
+    rng = random.Random(seed)
+    docs = []
+    for _doc in range(n):
+        words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 4))) for _ in range(40)]
+        lines = [f"def {rng.choice(words)}(x):\n\treturn {' '.join(rng.choices(words, k=5))}"
+                 f" + {rng.randint(0, 10**6)}\n" for _ in range(rng.randint(1, 12))]
+        docs.append("".join(lines))
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[str]:
+    return make_docs(120)
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory: pytest.TempPathFactory, docs: list[str]) -> str:
+    out = tmp_path_factory.mktemp("tok") / "tok.model"
+    return train_tokenizer(docs, str(out), vocab_size=VOCAB)
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path, docs: list[str]) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", docs)
+
+
+def read_split(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, global doc ends) of a prepared split, concatenated over its shards."""
+    manifest = read_manifest(str(out))
+    tokens, ends, base = [], [], 0
+    for entry in manifest["splits"][split]["shards"]:
+        shard = read_shard(str(out / entry["name"]))
+        tokens.append(np.asarray(shard.tokens, dtype=np.int64))
+        ends.append(shard.doc_ends.astype(np.int64) + base)
+        base += shard.n_tokens
+    return np.concatenate(tokens), np.concatenate(ends)
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def test_local_formats_agree(tmp_path: Path, docs: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "txt").mkdir()
+    for i, d in enumerate(docs[:12]):  # zero-padded names: sorted order is document order
+        (tmp_path / "txt" / f"{i:03d}.txt").write_text(d)
+    write_jsonl(tmp_path / "a.jsonl", docs[:12], field="content")
+    pq.write_table(pa.table({"content": docs[:12]}), tmp_path / "a.parquet", row_group_size=5)
+    assert list(iter_documents(str(tmp_path / "txt"))) == docs[:12]
+    assert list(iter_documents(str(tmp_path / "txt" / "*.txt"))) == docs[:12]
+    assert list(iter_documents(str(tmp_path / "a.jsonl"), text_field="content")) == docs[:12]
+    assert list(iter_documents(str(tmp_path / "a.parquet"), text_field="content")) == docs[:12]
+
+
+def test_txt_keeps_crlf_exactly(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"line one\r\nline two\r\n")
+    assert list(iter_documents(str(tmp_path / "a.txt"))) == ["line one\r\nline two\r\n"]
+
+
+def test_max_bytes_cuts_exactly(corpus: Path, docs: list[str]) -> None:
+    out = list(iter_documents(str(corpus), max_bytes=1000))
+    assert sum(len(d.encode()) for d in out) == 1000
+    assert out[:-1] == docs[:len(out) - 1] and docs[len(out) - 1].startswith(out[-1])
+
+
+def test_missing_source_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data source .*nowhere\.jsonl does not exist"):
+        list(iter_documents(str(tmp_path / "nowhere.jsonl")))
+    with pytest.raises(DataError, match=r"holds no \.txt, \.jsonl, \.parquet files"):
+        list(iter_documents(str(tmp_path / "*.jsonl")))
+
+
+def test_missing_text_field_names_field_and_file(corpus: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pytest.raises(DataError, match=r"corpus\.jsonl:1 has no field 'body'.*text_field"):
+        list(iter_documents(str(corpus), text_field="body"))
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=r"p\.parquet has no column 'body'"):
+        list(iter_documents(str(tmp_path / "p.parquet"), text_field="body"))
+
+
+def test_bad_jsonl_line_is_named(tmp_path: Path) -> None:
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:2 is not valid JSON"):
+        list(iter_documents(str(tmp_path / "b.jsonl")))
+
+
+def test_hub_source_streams_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name: str, config: str | None, *, split: str,
+                          streaming: bool) -> Iterator[dict[str, str]]:
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "one"}, {"text": "two"}, {"body": "three"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = iter_documents("hf:org/corpus:en", split="validation")
+    assert [next(docs), next(docs)] == ["one", "two"]
+    with pytest.raises(DataError, match=r"record 2 of hf:org/corpus:en .*no field 'text'"):
+        next(docs)
+    assert calls == [("org/corpus", "en", "validation", True)]
+    assert sources_mod.parse_hub_source("hf:tiny") == ("tiny", None)
+
+
+def test_builtin_corpus_is_deterministic_stdlib_code() -> None:
+    first = list(iter_documents("builtin", max_bytes=100_000))
+    assert first == list(iter_documents("builtin", max_bytes=100_000))
+    assert sum(len(d.encode()) for d in first) == 100_000
+    files = list(builtin_files())
+    assert len(files) > 100 and all(f.startswith(stdlib_dir()) for f in files)
+    assert all(f.endswith(".py") for f in files)
+    assert not any("site-packages" in f or f"{os.sep}test{os.sep}" in f for f in files)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def test_shards_hold_the_documents_each_ending_in_eos(
+    corpus: Path, tmp_path: Path, tok_path: str, docs: list[str]
+) -> None:
+    out = tmp_path / "out"
+    manifest = prepare(str(corpus), tok_path, str(out), shard_tokens=1000, val_fraction=0.0)
+    tok = Tokenizer.load(tok_path)
+    expected = np.concatenate([tok.encode(d) + [tok.eos_id] for d in docs])
+    tokens, ends = read_split(out, "train")
+    np.testing.assert_array_equal(tokens, expected)
+    np.testing.assert_array_equal(ends, np.flatnonzero(expected == tok.eos_id) + 1)
+    sizes = [s["n_tokens"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(sizes) > 2 and set(sizes[:-1]) == {1000} and 0 < sizes[-1] <= 1000
+    assert manifest["n_tokens"] == len(expected) and manifest["vocab_size"] == VOCAB
+    assert manifest["tokenizer"]["fingerprint"] == tok.fingerprint
+    assert Tokenizer.load(str(out / "tokenizer.model")).fingerprint == tok.fingerprint
+
+
+def test_output_is_identical_for_any_worker_count(
+    corpus: Path, tmp_path: Path, tok_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prepare_mod, "_BATCH_BYTES", 2000)  # many tasks, to exercise ordering
+    contents = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare(str(corpus), tok_path, str(out), num_workers=workers, shard_tokens=700,
+                val_fraction=0.2)
+        contents.append({str(p.relative_to(out)): p.read_bytes()
+                         for p in sorted(out.rglob("*")) if p.is_file()})
+    assert contents[0] == contents[1]
+    assert len([n for n in contents[0] if n.startswith("train/")]) > 3
+
+
+def test_val_split_is_deterministic_and_disjoint(
+    corpus: Path, tmp_path: Path, tok_path: str, docs: list[str]
+) -> None:
+    prepare(str(corpus), tok_path, str(tmp_path / "o"), shard_tokens=500, val_fraction=0.25)
+    tok = Tokenizer.load(tok_path)
+    by_split = {}
+    for split in ("train", "val"):
+        tokens, ends = read_split(tmp_path / "o", split)
+        by_split[split] = [tok.decode(d) for d in np.split(tokens, ends[:-1])]
+    want_val = [d for i, d in enumerate(docs) if is_val_document(i, d, 0.25)]
+    assert by_split["val"] == want_val and 15 < len(want_val) < 45
+    assert by_split["train"] == [d for d in docs if d not in want_val]
+
+
+def test_tiny_val_fraction_still_gets_a_document(
+    corpus: Path, tmp_path: Path, tok_path: str
+) -> None:
+    manifest = prepare(str(corpus), tok_path, str(tmp_path / "o"), val_fraction=1e-9)
+    assert manifest["splits"]["val"]["n_docs"] == 1
+    assert manifest["splits"]["train"]["n_docs"] == 119
+
+
+def test_reprepare_replaces_old_shards(corpus: Path, tmp_path: Path, tok_path: str) -> None:
+    out = tmp_path / "o"
+    prepare(str(corpus), tok_path, str(out), shard_tokens=300)
+    manifest = prepare(str(corpus), tok_path, str(out), shard_tokens=5000)
+    names = {s["name"] for s in manifest["splits"]["train"]["shards"]}
+    assert {str(p.relative_to(out)) for p in (out / "train").iterdir()} == names
+
+
+def test_crash_during_prepare_leaves_no_manifest(
+    corpus: Path, tmp_path: Path, tok_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = []
+
+    def flaky_write_shard(path: str, *args: Any, **kwargs: Any) -> str:
+        if written:
+            raise OSError("killed")
+        written.append(path)
+        return real(path, *args, **kwargs)
+
+    real = prepare_mod.write_shard
+    monkeypatch.setattr(prepare_mod, "write_shard", flaky_write_shard)
+    with pytest.raises(OSError, match="killed"):
+        prepare(str(corpus), tok_path, str(tmp_path / "o"), shard_tokens=500)
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        read_manifest(str(tmp_path / "o"))
+
+
+def test_tool_prints_summary_and_one_line_errors(
+    corpus: Path, tmp_path: Path, tok_path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--source", str(corpus), "--tokenizer", tok_path, "--out", str(tmp_path / "o"),
+            "--workers", "1", "--shard-tokens", "4096"]
+    assert prepare_tool.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train:" in out and "val:" in out and "tokens/s" in out
+    assert prepare_tool.main(argv + ["--text-field", "body"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: record") and "'body'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# ensure_prepared
+
+
+def data_cfg(tmp_path: Path, source: Path, **kw: object) -> DataConfig:
+    base: dict[str, object] = dict(name="t", source=str(source), cache_dir=str(tmp_path / "cache"),
+                                   max_bytes=0, tokenizer_sample_bytes=100_000, shard_tokens=2000,
+                                   prepare_workers=1)
+    return DataConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_ensure_prepared_trains_prepares_and_reuses(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = data_cfg(tmp_path, corpus)
+    data_dir, tok_path = ensure_prepared(cfg, vocab_size=VOCAB)
+    assert Tokenizer.load(tok_path).vocab_size == VOCAB
+    assert read_manifest(data_dir)["tokenizer"]["fingerprint"] == Tokenizer.load(
+        tok_path).fingerprint
+
+    def must_not_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the cache was not reused")
+
+    monkeypatch.setattr(prepare_mod, "prepare", must_not_run)
+    monkeypatch.setattr(prepare_mod, "train_tokenizer_from_source", must_not_run)
+    assert ensure_prepared(cfg, vocab_size=VOCAB) == (data_dir, tok_path)
+    # a prepared directory can be named directly; its own tokenizer is used
+    assert ensure_prepared(data_cfg(tmp_path, corpus, dir=data_dir),
+                           vocab_size=VOCAB)[1] == os.path.join(data_dir, "tokenizer.model")
+
+
+def test_concurrent_callers_prepare_once(
+    corpus: Path, tmp_path: Path, tok_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = prepare_mod.prepare
+
+    def counting_prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "prepare", counting_prepare)
+    cfg = data_cfg(tmp_path, corpus, tokenizer=tok_path)
+    results: list[tuple[str, str]] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        ensure_prepared(cfg, vocab_size=VOCAB))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len(set(results)) == 1 and len(calls) == 1
+
+
+def test_vocab_mismatch_is_caught_before_any_work(
+    corpus: Path, tmp_path: Path, tok_path: str
+) -> None:
+    cfg = data_cfg(tmp_path, corpus, tokenizer=tok_path)
+    with pytest.raises(DataError, match=rf"tokenizer .*tok\.model has vocabulary {VOCAB} but "
+                                        rf"model\.vocab_size=8192; set model\.vocab_size={VOCAB}"):
+        ensure_prepared(cfg, vocab_size=8192)
+    assert not (tmp_path / "cache" / "data").exists()
+
+
+def test_missing_or_unprepared_data_dir(corpus: Path, tmp_path: Path, tok_path: str) -> None:
+    with pytest.raises(DataError, match=r"data directory .*absent does not exist.*"
+                                        r"pretrain-prepare-data"):
+        ensure_prepared(data_cfg(tmp_path, corpus, dir=str(tmp_path / "absent")), vocab_size=VOCAB)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(DataError, match=r"half is not a prepared dataset"):
+        ensure_prepared(data_cfg(tmp_path, corpus, dir=str(tmp_path / "half")), vocab_size=VOCAB)
+
+
+def test_data_dir_with_another_tokenizer_is_rejected(
+    corpus: Path, tmp_path: Path, tok_path: str, docs: list[str]
+) -> None:
+    prepare(str(corpus), tok_path, str(tmp_path / "o"))
+    other = train_tokenizer(docs[:60], str(tmp_path / "other.model"), vocab_size=VOCAB)
+    cfg = data_cfg(tmp_path, corpus, dir=str(tmp_path / "o"), tokenizer=other)
+    with pytest.raises(DataError, match="prepared with a different tokenizer"):
+        ensure_prepared(cfg, vocab_size=VOCAB)
+
+
+def test_schema_default_cache_dir_resolves_outside_hydra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRETRAIN_CACHE", "/somewhere/cache")
+    assert prepare_mod.resolve_cache_dir(DataConfig().cache_dir) == "/somewhere/cache"
+    monkeypatch.delenv("PRETRAIN_CACHE")
+    monkeypatch.setenv("HOME", "/home/u")
+    assert prepare_mod.resolve_cache_dir(DataConfig().cache_dir) == "/home/u/.cache/pretrain"
