@@ -20,7 +20,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("checkpoint", help="run directory, checkpoints/ directory or one checkpoint")
+    p.add_argument("checkpoint", help="run directory, checkpoints/ directory, one checkpoint, "
+                   "or a file written by pretrain-consolidate")
     p.add_argument("out_dir", help="directory to write (config, safetensors, tokenizer)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")

@@ -4,7 +4,7 @@ the rest of the training state as JSON, written atomically with an integrity man
 Layout of a run's checkpoints:
 
     checkpoints/
-      latest                  name of the newest complete checkpoint (moved last)
+      latest.json             name of the newest complete checkpoint (moved last)
       step_00000100/
         .metadata, *.distcp   model + optimizer (DCP; one file per rank)
         trainer_state.json    step, tokens, schedule, data loader position, config
@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 STEP_PREFIX = "step_"
 INTEGRITY = "integrity.json"
 TRAINER_STATE = "trainer_state.json"
+LATEST = "latest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -186,6 +187,35 @@ def find_resumable(root: Path) -> Path | None:
     return None
 
 
+def _begin(root: Path, step: int, trainer_state: dict[str, Any]) -> tuple[Path, Path]:
+    """Create `step_N.tmp/` and write the small per-rank and rank-0 files into it."""
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    if _rank() == 0:
+        _write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+    return tmp, final
+
+
+def _finalize(root: Path, tmp: Path, final: Path, step: int, keep: int) -> None:
+    """After every rank's files are on disk: integrity manifest, rename, then `latest`."""
+    _barrier()
+    if _rank() == 0:
+        write_integrity(tmp)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
+        prune(root, keep)
+    _barrier()
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -196,35 +226,73 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` atomically (collective: every rank calls it)."""
-    final = root / step_dir_name(step)
-    tmp = root / (final.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp, final = _begin(root, step, trainer_state)
     dcp.save({"app": ModelOptimState(model, optimizer)}, checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        _write_json_atomic(tmp / TRAINER_STATE, trainer_state)
-        write_integrity(tmp)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_json_atomic(root / "latest.json", {"checkpoint": final.name, "step": step})
-        prune(root, keep)
-    _barrier()
+    _finalize(root, tmp, final, step, keep)
     return final
 
 
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (0 keeps all)."""
+    """Delete all but the newest `keep` complete checkpoints (0 keeps all); never the one
+    `latest` names, and never a `.tmp` directory still being written."""
     if keep <= 0:
         return
+    latest = read_latest(root)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_latest(root: Path) -> str | None:
+    try:
+        return json.loads((root / LATEST).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class Checkpointer:
+    """Saves synchronously or asynchronously; at most one asynchronous save is in flight.
+
+    An async save stages model and optimizer to CPU memory before returning (so what is saved is
+    the state at the moment of the call) and writes in a background thread. The checkpoint is
+    finalized (integrity manifest, rename, `latest`) by `poll` once every rank has finished, by
+    the next `save`, or by `wait`; until then it is a `.tmp` directory that is never selected.
+    """
+
+    def __init__(self, root: Path, *, keep: int, async_save: bool = False) -> None:
+        self.root = root
+        self.keep = keep
+        self.async_save = async_save
+        self._pending: tuple[Any, Path, Path, int] | None = None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any]) -> None:
+        self.wait()
+        if not self.async_save:
+            save_checkpoint(self.root, step, model, optimizer, trainer_state, keep=self.keep)
+            return
+        tmp, final = _begin(self.root, step, trainer_state)
+        future = dcp.async_save({"app": ModelOptimState(model, optimizer)},
+                                checkpoint_id=str(tmp))
+        self._pending = (future, tmp, final, step)
+
+    def poll(self) -> None:
+        """Finalize the in-flight save if every rank's write has finished (a cheap collective)."""
+        if self._pending is None:
+            return
+        done = torch.tensor(float(self._pending[0].done()))
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if bool(done):
+            self.wait()
+
+    def wait(self) -> None:
+        if self._pending is None:
+            return
+        future, tmp, final, step = self._pending
+        self._pending = None
+        future.result()
+        _finalize(self.root, tmp, final, step, self.keep)
 
 
 def load_checkpoint(
@@ -274,6 +342,22 @@ def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, A
 
 
 def load_model_for_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A full (unsharded) model state dict and the run's trainer state, on one process."""
+    """A full (unsharded) model state dict and the run's trainer state, on one process, from a
+    sharded checkpoint (any layout) or a file written by `consolidate`."""
+    if Path(path).is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        return blob["model"], blob["state"]
     model, state = load_model_from_checkpoint(path)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)), state
+
+
+def consolidate(path: str | Path, out_file: str | Path) -> Path:
+    """Gather a sharded checkpoint into one torch file: {'model': full state dict, 'state':
+    trainer state (config, counters, tokenizer path)}. Written atomically."""
+    state_dict, state = load_model_for_export(path)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"model": state_dict, "state": state}, tmp)
+    os.replace(tmp, out)
+    return out

@@ -65,3 +65,33 @@ def test_keep_last_k(tmp_path: Path) -> None:
         _save(tmp_path, step, model, opt, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003",
                                                                    "step_00000004"]
+
+
+def test_async_save_is_the_state_at_the_call(tmp_path: Path) -> None:
+    model, opt = _model_and_optim(0)
+    sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
+    _save(sync_dir, 1, model, opt)
+    saver = ckpt.Checkpointer(async_dir, keep=0, async_save=True)
+    saver.save(1, model, opt, {"counters": {"step": 1}})
+    with torch.no_grad():  # change everything right after the call
+        for p in model.parameters():
+            p.add_(100.0)
+    assert ckpt.list_checkpoints(async_dir) == []  # not visible until finalized
+    saver.wait()
+    (done,) = ckpt.list_checkpoints(async_dir)
+    a, _ = _model_and_optim(5)
+    b, _ = _model_and_optim(6)
+    ckpt.load_checkpoint(sync_dir / "step_00000001", a, None)
+    ckpt.load_checkpoint(done, b, None)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_prune_never_deletes_latest(tmp_path: Path) -> None:
+    model, opt = _model_and_optim(0)
+    for step in (1, 2):
+        _save(tmp_path, step, model, opt)
+    (tmp_path / "latest.json").write_text('{"checkpoint": "step_00000001", "step": 1}')
+    ckpt.prune(tmp_path, 1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001",
+                                                                   "step_00000002"]
