@@ -110,3 +110,29 @@ def test_tokenizer_model_vocab_mismatch(cache_dir: Path, tiny_run: Path) -> None
     assert proc.returncode != 0
     assert "vocab" in proc.stderr and tok in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_export_consolidate_and_generate_tools(tiny_run: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    transformers = pytest.importorskip("transformers")
+    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.train.checkpoint import load_model_from_checkpoint
+    from tools.consolidate_checkpoint import main as consolidate_main
+    from tools.export_hf import main as export_main
+    from tools.generate import main as generate_main
+
+    assert consolidate_main([str(tiny_run), str(tmp_path / "model.pt")]) == 0
+    assert export_main([str(tmp_path / "model.pt"), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model, state = load_model_from_checkpoint(tiny_run)
+    text = "import os\n\ndef main():\n    return 1\n"
+    ids = Tokenizer.load(state["tokenizer_path"]).encode(text)
+    assert hf_tok.encode(text, add_special_tokens=False) == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (model.eval()(x) - hf(x).logits).abs().max().item()
+    assert diff < 1e-4
+    assert generate_main([str(tiny_run), "--prompt", "import", "--max-new-tokens", "5",
+                          "--temperature", "0"]) == 0
+    assert "--- 'import'" in capsys.readouterr().out
