@@ -228,6 +228,26 @@ class LauncherConfig:
 
 
 @dataclass
+class FaultInjectionConfig:
+    """Deliberate faults for testing the fault-handling paths; all off by default."""
+
+    crash_at_step: Optional[int] = None
+    """Hard-exit (like kill -9) right after this step, on the first attempt only."""
+    crash_rank: int = 0
+    """Rank that crashes."""
+    crash_in_checkpoint_at_step: Optional[int] = None
+    """Hard-exit halfway through writing this step's checkpoint (first attempt only)."""
+    nan_at_step: Optional[int] = None
+    """Make this step's loss NaN on `nan_rank`."""
+    nan_rank: int = 0
+    """Rank whose loss becomes NaN."""
+    spike_at_step: Optional[int] = None
+    """Multiply this step's loss by 20 (a loss spike)."""
+    signal_at_step: Optional[int] = None
+    """Send SIGTERM to this process after this step (first attempt only)."""
+
+
+@dataclass
 class TrainConfig:
     """The root config of one training run."""
 
@@ -250,6 +270,9 @@ class TrainConfig:
     """Optimizer steps."""
     tokens: int | None = None
     """Token budget; when set, steps = tokens // (global_batch_size * seq_len)."""
+    flops_budget: float | None = None
+    """Training FLOP budget C; when set, tokens = C / flops_per_token(model, seq_len) and steps
+    follow as for `tokens` (IsoFLOP sweeps). Takes precedence over `tokens` and `steps`."""
     seq_len: int = 256
     """Training sequence length (tokens per window, excluding the shifted target)."""
     global_batch_size: int = 16
@@ -271,7 +294,11 @@ class TrainConfig:
     ckpt_every: int = 100
     """Steps between checkpoints (0: only at the end)."""
     ckpt_keep: int = 2
-    """Checkpoints to keep (the newest; 0 keeps all)."""
+    """Checkpoints to keep (the newest; 0 keeps all); `latest` is never deleted."""
+    ckpt_every_s: float = 0.0
+    """Also checkpoint when this many seconds passed since the last one (0: off)."""
+    ckpt_async: bool = False
+    """Write checkpoints in a background thread; training continues meanwhile."""
     resume: str = "auto"
     """'auto' (latest good checkpoint in the run directory), 'none', or a checkpoint path."""
     time_limit_s: float = 0.0
@@ -279,13 +306,22 @@ class TrainConfig:
     nonfinite_policy: str = "halt"
     """On a non-finite loss or gradient norm: 'halt' or 'skip' the step."""
     max_skips: int = 5
-    """With nonfinite_policy=skip: halt after this many consecutive skipped steps."""
+    """With nonfinite_policy=skip (or spike_policy=skip): halt after this many in a row."""
+    spike_policy: str = "warn"
+    """On a loss spike: 'none', 'warn', 'skip' the update, or 'rollback' to the last checkpoint
+    and skip the batch that caused it."""
+    spike_window: int = 50
+    """Steps of loss history the spike detector compares against."""
+    spike_threshold: float = 6.0
+    """Standard deviations above the window mean that make a spike."""
     sample_prompts: list[str] = field(
         default_factory=lambda: ["def ", "import ", "class "]
     )
     """Prompts sampled from at the end of the run (empty: none)."""
     sample_tokens: int = 48
     """Tokens generated per sample."""
+    faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+    """Fault injection (tests only)."""
     tags: dict[str, Any] = field(default_factory=dict)
     """Free-form key/values recorded in summary.json as `sweep` (sweeps set these)."""
 
@@ -334,6 +370,10 @@ def validate(cfg: TrainConfig) -> None:
              "use none, full or selective")
     _require(cfg.optim.schedule in ("cosine", "wsd", "constant"),
              f"optim.schedule={cfg.optim.schedule!r}; use cosine, wsd or constant")
+    _require(cfg.spike_policy in ("none", "warn", "skip", "rollback"),
+             f"spike_policy={cfg.spike_policy!r}; use none, warn, skip or rollback")
+    _require(cfg.spike_policy != "rollback" or cfg.ckpt_every > 0 or cfg.ckpt_every_s > 0,
+             "spike_policy=rollback needs periodic checkpoints: set ckpt_every or ckpt_every_s")
     _require(cfg.nonfinite_policy in ("halt", "skip"),
              f"nonfinite_policy={cfg.nonfinite_policy!r}; use halt or skip")
     _require(cfg.seq_len <= cfg.model.max_seq_len,
