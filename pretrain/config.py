@@ -94,7 +94,28 @@ class DataConfig:
     prepare_workers: int = 2
     """Worker processes for tokenization."""
     num_workers: int = 0
-    """Loader worker processes (0: read in the training process)."""
+    """Loader prefetch threads (0: read each batch in the training loop when it is asked for).
+    The windows and the resume position are the same for every value."""
+    prefetch: int = 2
+    """Batches each loader thread prepares ahead."""
+    pin_memory: bool = True
+    """Prefetched batches go to pinned memory (CUDA only) for non-blocking copies."""
+    dedup: bool = False
+    """Drop documents whose text exactly equals an earlier one when preparing (counted)."""
+    # Typed Any, not dict: Hydra refuses `data.mix={...}` (new keys) on a typed, empty dict.
+    mix: Any = None
+    """Several datasets mixed by weight, instead of `source`/`dir`: a mapping name -> {dir:
+    prepared directory, or source: corpus (prepared into the cache like `source`), weight: w,
+    and optionally text_field, split, max_bytes}, e.g. data.mix='{web: {dir: /d/web, weight:
+    0.7}, code: {dir: /d/code, weight: 0.3}}'. Weights are normalized and may change on resume
+    (each source keeps its position)."""
+    document_masking: bool = False
+    """Attention stays within each document of a packed window (block-diagonal causal mask)."""
+    restart_positions: bool = False
+    """Rotary positions restart at 0 at each document start (needs document_masking)."""
+    allow_data_change: bool = False
+    """Resume even when the checkpoint's data (shards, tokenizer, sources, seq_len) differ from
+    the configured data; the saved position is kept per source."""
 
 
 @dataclass
@@ -231,19 +252,19 @@ class LauncherConfig:
 class FaultInjectionConfig:
     """Deliberate faults for testing the fault-handling paths; all off by default."""
 
-    crash_at_step: Optional[int] = None
+    crash_at_step: int | None = None
     """Hard-exit (like kill -9) right after this step, on the first attempt only."""
     crash_rank: int = 0
     """Rank that crashes."""
-    crash_in_checkpoint_at_step: Optional[int] = None
+    crash_in_checkpoint_at_step: int | None = None
     """Hard-exit halfway through writing this step's checkpoint (first attempt only)."""
-    nan_at_step: Optional[int] = None
+    nan_at_step: int | None = None
     """Make this step's loss NaN on `nan_rank`."""
     nan_rank: int = 0
     """Rank whose loss becomes NaN."""
-    spike_at_step: Optional[int] = None
+    spike_at_step: int | None = None
     """Multiply this step's loss by 20 (a loss spike)."""
-    signal_at_step: Optional[int] = None
+    signal_at_step: int | None = None
     """Send SIGTERM to this process after this step (first attempt only)."""
 
 
@@ -360,9 +381,14 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.vocab_size > 0 and m.n_layers > 0, "model.vocab_size and model.n_layers must be > 0")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Every cross-field check, run before any process group, file or allocation."""
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Every cross-field check, run before any process group, file or allocation.
+
+    `world_size` defaults to WORLD_SIZE from the environment torchrun / deepspeed set (1 when
+    started directly)."""
     validate_model(cfg.model)
+    validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None
+                      else world_size)
     _require(cfg.precision in ("fp32", "bf16", "fp16"),
              f"precision={cfg.precision!r}; use fp32, bf16 or fp16")
     _require(cfg.activation_checkpointing in ("none", "full", "selective"),
@@ -384,3 +410,72 @@ def validate(cfg: TrainConfig) -> None:
              f"micro_batch_size={cfg.micro_batch_size}")
     _require(cfg.steps > 0 or (cfg.tokens or 0) > 0, "steps (or tokens) must be > 0")
     _require(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+
+
+def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
+    """Checks of the parallel layout against the world size, the model and the batch."""
+    # Imported here: they pull in torch, and this module stays importable without it.
+    from pretrain.parallel.dims import ParallelDims
+    from pretrain.parallel.pipeline import check_schedule
+
+    p, m = cfg.parallel, cfg.model
+    _require(p.backend in ("native", "deepspeed"),
+             f"parallel.backend={p.backend!r}; use native or deepspeed")
+    _require(p.pp_virtual_stages >= 1, "parallel.pp_virtual_stages must be >= 1")
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    kv = m.n_kv_heads or m.n_heads
+    _require(m.n_heads % p.tp == 0 and kv % p.tp == 0,
+             f"model.n_heads={m.n_heads} and model.n_kv_heads={kv} must both be divisible by "
+             f"parallel.tp={p.tp} (each tensor-parallel rank holds whole heads); lower tp")
+    _require(not (p.tp > 1 and p.sequence_parallel) or cfg.seq_len % p.tp == 0,
+             f"seq_len={cfg.seq_len} is not divisible by parallel.tp={p.tp}, which sequence "
+             "parallelism needs; change seq_len or set parallel.sequence_parallel=false")
+    _require(not (m.tie_embeddings and (p.tp > 1 or p.pp > 1)),
+             "model.tie_embeddings=true is not supported with parallel.tp > 1 or parallel.pp > 1 "
+             "(the shared matrix would be split two ways or live on two stages); untie it")
+    _require(cfg.global_batch_size % (cfg.micro_batch_size * dims.dp) == 0,
+             f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size="
+             f"{cfg.micro_batch_size} × data-parallel degree {dims.dp}; change one of them")
+    for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+        _require(getattr(p, name) in ("bf16", "fp16", "fp32"),
+                 f"parallel.{name}={getattr(p, name)!r}; use bf16, fp16 or fp32")
+    if p.pp > 1:
+        _validate_pipeline(cfg, check_schedule)
+    if p.backend == "deepspeed":
+        _validate_deepspeed(cfg, world_size)
+    else:
+        _require(p.zero_stage == 0,
+                 f"parallel.zero_stage={p.zero_stage} needs parallel.backend=deepspeed (the "
+                 "native backend shards with FSDP2: parallel.dp_shard)")
+
+
+def _validate_pipeline(cfg: TrainConfig, check_schedule: Any) -> None:
+    p = cfg.parallel
+    n_stages = p.pp * p.pp_virtual_stages
+    _require(cfg.model.n_layers >= n_stages,
+             f"model.n_layers={cfg.model.n_layers} is fewer than parallel.pp × "
+             f"parallel.pp_virtual_stages = {n_stages} pipeline stages; lower pp or the virtual "
+             "stages")
+    check_schedule(p.pp_schedule, p.pp_virtual_stages)
+    n_micro = p.pp_microbatches or n_stages
+    _require(cfg.micro_batch_size % n_micro == 0,
+             f"micro_batch_size={cfg.micro_batch_size} is not divisible by the "
+             f"{n_micro} pipeline micro-batches (parallel.pp_microbatches, default pp × virtual "
+             "stages); every pipeline micro-batch needs whole sequences")
+    _require(p.pp_schedule != "DualPipeV" or n_micro >= n_stages,
+             f"parallel.pp_schedule=DualPipeV needs at least {n_stages} micro-batches "
+             f"(parallel.pp_microbatches={n_micro})")
+
+
+def _validate_deepspeed(cfg: TrainConfig, world_size: int) -> None:
+    from pretrain.parallel.deepspeed_backend import deepspeed_config
+
+    p = cfg.parallel
+    _require(p.tp == 1 and p.pp == 1 and p.dp_replicate == 1,
+             "parallel.backend=deepspeed is data parallel over all ranks (ZeRO): set "
+             "parallel.tp=1, parallel.pp=1 and parallel.dp_replicate=1, or use backend=native")
+    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={p.zero_stage}; use 0, 1, 2 or 3")
+    deepspeed_config(zero_stage=p.zero_stage, precision=cfg.precision,
+                     global_batch_size=cfg.global_batch_size,
+                     micro_batch_size=cfg.micro_batch_size, world_size=world_size,
+                     grad_clip=cfg.optim.grad_clip, extra=p.deepspeed_extra)
