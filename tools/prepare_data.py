@@ -1,9 +1,11 @@
 """Tokenize a corpus into train/val token shards with a manifest (a prepared dataset directory).
 
-    pretrain-prepare-data --source 'data/*.jsonl' --tokenizer tok.model --out data/prepared \\
-        --workers 16 --val-fraction 0.01
+    pretrain-prepare-data --source 'data/*.jsonl.zst' --tokenizer tok.model \\
+        --out data/prepared --workers 16 --val-fraction 0.01 --dedup
 
-Train with it by setting data.dir=data/prepared (its tokenizer.model is used by default).
+Run the same command again after an interruption and it continues from the last finished shard
+(the result is byte-identical to an uninterrupted run); --overwrite starts afresh. Train with it
+by setting data.dir=data/prepared (its tokenizer.model is used by default).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 from pretrain.data.prepare import prepare
 from pretrain.data.shards import DataError
@@ -20,8 +23,8 @@ from pretrain.data.shards import DataError
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", default="builtin",
-                   help="'builtin', a .txt/.jsonl/.parquet file, directory or glob, or "
-                        "hf:NAME[:CONFIG] (default: builtin)")
+                   help="'builtin', a .txt/.jsonl[.gz|.zst]/.parquet file, directory or glob, "
+                        "or hf:NAME[:CONFIG] (default: builtin)")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -32,23 +35,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/hub data")
     p.add_argument("--split", default="train", help="split of a hub dataset")
     p.add_argument("--max-bytes", type=int, default=0, help="cap on corpus bytes (0: none)")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop documents whose text equals an earlier document's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="prepare from scratch instead of resuming an unfinished preparation")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         manifest = prepare(args.source, args.tokenizer, args.out, num_workers=args.workers,
                            shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
                            text_field=args.text_field, split=args.split,
-                           max_bytes=args.max_bytes)
+                           max_bytes=args.max_bytes, dedup=args.dedup,
+                           resume=not args.overwrite, log=print)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    seconds = time.perf_counter() - start
+    report(manifest, args.out, time.perf_counter() - start)
+    return 0
+
+
+def report(manifest: dict[str, Any], out: str, seconds: float) -> None:
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['n_tokens']:,} tokens, {split['n_docs']:,} documents, "
               f"{len(split['shards'])} shards")
-    print(f"{args.out}: {manifest['n_tokens']:,} tokens ({manifest['dtype']}) in {seconds:.1f}s, "
+    docs = manifest.get("documents", {})
+    skipped = ", ".join(f"{n:,} {why}" for why, n in sorted(docs.get("skipped", {}).items()))
+    dedup = f"{docs.get('duplicates', 0):,} duplicates removed" if manifest.get("dedup") else (
+        "no deduplication")
+    print(f"documents: {docs.get('read', 0):,} read, {dedup}, skipped: {skipped or 'none'}")
+    print(f"{out}: {manifest['n_tokens']:,} tokens ({manifest['dtype']}) in {seconds:.1f}s, "
           f"{manifest['n_tokens'] / max(seconds, 1e-9):,.0f} tokens/s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from pretrain.data.tokenizer import Tokenizer
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", default="builtin",
-                   help="'builtin', a .txt/.jsonl/.parquet file, directory or glob, or "
-                        "hf:NAME[:CONFIG] (default: builtin)")
+                   help="'builtin', a .txt/.jsonl[.gz|.zst]/.parquet file, directory or glob, "
+                        "or hf:NAME[:CONFIG] (default: builtin)")
     p.add_argument("--out", required=True, help="where to write the .model file")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--sample-bytes", type=int, default=3_000_000,

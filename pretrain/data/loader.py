@@ -1,235 +1,374 @@
-"""The training data loader: one global, seeded order of windows, sliced per data-parallel rank.
+"""The training data loader: one global, seeded order of windows over one or several sources,
+sliced per data-parallel rank, with exact resume, document masking and background prefetch.
 
-The token stream of a split is its shards concatenated in manifest order. Window `w` is tokens
-``[w * seq_len, w * seq_len + seq_len + 1)`` of that stream (inputs and the targets shifted by
-one); windows may cross shard boundaries and document boundaries (documents are separated by
-EOS). There are ``(n_tokens - 1) // seq_len`` windows per epoch; the last few tokens that do not
-fill a window are not trained on.
+Training reads an endless sequence of positions. Position ``g`` (the global cursor counts them)
+reads from the source `pretrain.data.mixture.assign_sources` gives it (always the one source
+when there is one), and takes that source's next window in the source's own seeded order (see
+`pretrain.data.windows`). Each call to `next_batch` consumes ``micro_batch_size * dp_size``
+positions and rank ``r`` takes positions ``[cursor + r * mb, cursor + (r + 1) * mb)``, so the
+windows of an optimizer step depend on the global batch only, not on how it is split between
+ranks and accumulation steps; the state (the cursor and each source's count of windows
+consumed) is the same on every rank and survives a change of dp_size on resume.
 
-Training reads an endless sequence of windows: position ``g`` (the global cursor) lies in epoch
-``g // windows_per_epoch`` and maps to window ``perm_epoch(g % windows_per_epoch)``, where
-``perm_epoch`` is a pseudo-random permutation keyed by (seed, epoch) alone. Each call to
-`next_batch` consumes ``micro_batch_size * dp_size`` positions and rank ``r`` takes positions
-``[cursor + r * mb, cursor + (r + 1) * mb)``, so the windows of an optimizer step depend on the
-global batch only, not on how it is split between ranks and accumulation steps, and the state
-(the cursor) is the same on every rank and survives a change of dp_size on resume.
+With ``num_workers > 0``, background threads plan and read the next batches (see
+`pretrain.data.prefetch`). What a batch holds is decided when it is planned (a pure function of
+the state), and the state advances only when a batch is handed out, so the windows and the saved
+position are the same for any number of workers. Threads rather than processes: reading a batch
+is copying tokens out of memory-mapped shards, which numpy does without holding the GIL, so
+threads overlap it with the training step without pickling every batch through a pipe.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from pretrain.data.shards import PREPARE_HINT, DataError, Shard, read_manifest, read_shard
+from pretrain.data.masking import block_causal_mask, document_positions
+from pretrain.data.mixture import assign_sources, mix_offset, normalize_weights, slice_bounds
+from pretrain.data.prefetch import Prefetcher
+from pretrain.data.shards import DataError
+from pretrain.data.windows import WindowSource
 
-_ROUNDS = 4
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a cheap, well-mixed hash of uint64 values (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+STATE_VERSION = 2
+_DATA_CHANGE_HINT = ("resume with the data and seq_len it was saved with, or set "
+                     "data.allow_data_change=true to continue on this data (each source keeps "
+                     "its position)")
 
 
-def permute(positions: np.ndarray, n: int, *, seed: int, epoch: int) -> np.ndarray:
-    """The images of `positions` (all in [0, n)) under a permutation of [0, n) keyed by
-    (seed, epoch).
+@dataclass
+class Batch:
+    """One rank's micro-batch. Unpacks as ``inputs, targets = batch``."""
 
-    A balanced Feistel network permutes [0, 2^bits) for the smallest even `bits` covering n;
-    cycle walking (re-applying it to images >= n) restricts it to [0, n). Any position is
-    computed on its own in O(1) memory, so no array of n indices is ever built.
-    """
-    bits = max(2, (n - 1).bit_length())
-    bits += bits % 2
-    half = np.uint64(bits // 2)
-    mask = np.uint64((1 << (bits // 2)) - 1)
-    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8 * _ROUNDS).digest()
-    keys = np.frombuffer(digest, dtype=np.uint64)
+    inputs: torch.Tensor
+    """(B, T) int64 token ids."""
+    targets: torch.Tensor
+    """(B, T) int64 next-token ids."""
+    doc_ids: torch.Tensor | None = None
+    """(B, T) int64 document index of each input token within its window (document masking)."""
+    positions: torch.Tensor | None = None
+    """(B, T) int64 rotary positions restarting at each document (restart_positions)."""
 
-    def encrypt(x: np.ndarray) -> np.ndarray:
-        left, right = x >> half, x & mask
-        for key in keys:
-            left, right = right, left ^ (_mix(right ^ key) & mask)
-        return (left << half) | right
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.inputs, self.targets))
 
-    out = encrypt(positions.astype(np.uint64))
-    while (outside := out >= np.uint64(n)).any():
-        out[outside] = encrypt(out[outside])
-    return out.astype(np.int64)
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """On `device`; non-blocking copies overlap the transfer when the batch is pinned."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Batch(move(self.inputs), move(self.targets), move(self.doc_ids),
+                     move(self.positions))
+
+    def pin_memory(self) -> Batch:
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return Batch(pin(self.inputs), pin(self.targets), pin(self.doc_ids), pin(self.positions))
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward besides the tokens: `attn_mask` (built here,
+        on the batch's device) with document masking, and `positions` when they restart."""
+        kwargs = {}
+        if self.doc_ids is not None:
+            kwargs["attn_mask"] = block_causal_mask(self.doc_ids)
+        if self.positions is not None:
+            kwargs["positions"] = self.positions
+        return kwargs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one batch holds, as the state decides it: row i is the `k[i]`-th window of source
+    `sources[i]` in that source's seeded order."""
+
+    sources: np.ndarray
+    k: np.ndarray
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What one batch holds, resolved: row i is window `windows[i]` of source `sources[i]`."""
+
+    sources: np.ndarray
+    windows: np.ndarray
 
 
 class ShardedWindowLoader:
-    """Batches of (inputs, targets) windows of one split of a prepared dataset, for one rank."""
+    """Batches of windows of one split of one or several prepared datasets, for one rank.
+
+    `data_dir` is one prepared directory (a source named "data") or a mapping of source names
+    to directories, mixed by `weights` (default: in proportion to their tokens, as if they were
+    concatenated).
+    """
 
     def __init__(
-        self, data_dir: str, split: str = "train", *, seq_len: int, micro_batch_size: int,
-        dp_rank: int = 0, dp_size: int = 1, seed: int = 0, vocab_size: int,
-        tokenizer_fingerprint: str | None = None, verify: bool = True,
+        self, data_dir: str | Mapping[str, str], split: str = "train", *, seq_len: int,
+        micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+        vocab_size: int, tokenizer_fingerprint: str | None = None, verify: bool = True,
+        weights: Mapping[str, float] | None = None, document_masking: bool = False,
+        restart_positions: bool = False, num_workers: int = 0, prefetch: int = 2,
+        pin_memory: bool = False, allow_data_change: bool = False,
     ):
         if seq_len <= 0 or micro_batch_size <= 0 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"need seq_len > 0, micro_batch_size > 0 and 0 <= dp_rank < "
                              f"dp_size; got {seq_len}, {micro_batch_size}, {dp_rank}, {dp_size}")
-        self.data_dir, self.split = data_dir, split
-        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        dirs = {"data": data_dir} if isinstance(data_dir, str) else dict(data_dir)
+        self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        manifest = read_manifest(data_dir)
-        _check_manifest(manifest, data_dir, split, tokenizer_fingerprint)
-        entries = manifest["splits"][split]["shards"]
-        self.shards = [_open_shard(data_dir, e, vocab_size, verify) for e in entries]
-        _check_vocab(manifest, data_dir, vocab_size)
-        self._starts = np.cumsum([0] + [s.n_tokens for s in self.shards])
-        self.n_tokens = int(self._starts[-1])
-        self.windows_per_epoch = max(0, (self.n_tokens - 1) // seq_len)
-        if self.windows_per_epoch == 0:
-            raise DataError(f"the {split} split of {data_dir} holds {self.n_tokens} tokens, "
-                            f"fewer than one window of seq_len + 1 = {seq_len + 1}; lower "
-                            "seq_len, or prepare more data (or a larger data.val_fraction)")
-        self.dataset_fingerprint = _fingerprint(split, entries)
+        self.sources = [WindowSource(name, dirs[name], split, seq_len=seq_len,
+                                     vocab_size=vocab_size, verify=verify,
+                                     tokenizer_fingerprint=tokenizer_fingerprint)
+                        for name in sorted(dirs)]
+        _check_same_tokenizer(self.sources)
+        self.names = [s.name for s in self.sources]
+        self.set_weights(weights)
+        self.document_masking = document_masking or restart_positions
+        self.restart_positions = restart_positions
+        self.num_workers, self.prefetch = num_workers, max(1, prefetch)
+        self.pin_memory, self.allow_data_change = pin_memory, allow_data_change
         self.cursor = 0
-        """Windows consumed by all ranks together since the start of training."""
-        self.last_windows = np.zeros(0, dtype=np.int64)
-        """Window ids of this rank's most recent batch (see `document_ids`)."""
-        self._doc_ends: np.ndarray | None = None
+        """Positions consumed by all ranks together since the start of training."""
+        self.consumed = np.zeros(len(self.sources), dtype=np.int64)
+        """Windows each source has given all ranks together: its position in its own order."""
+        self.last_rows = Rows(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        """The rows of this rank's most recent batch."""
+        self.notes: list[str] = []
+        """What `load_state_dict` found changed and carried on with (for the run's log)."""
+        self._ahead: Prefetcher[Plan, tuple[Batch, Rows]] | None = None
 
-    @property
-    def tokens_per_epoch(self) -> int:
-        """Target tokens trained on per epoch (each window predicts seq_len tokens)."""
-        return self.windows_per_epoch * self.seq_len
+    # -- the order -----------------------------------------------------------------------------
 
-    @property
-    def epoch(self) -> int:
-        return self.cursor // self.windows_per_epoch
+    def set_weights(self, weights: Mapping[str, float] | None) -> None:
+        """Mix the sources by `weights` from the next planned batch on."""
+        if weights is None:
+            weights = {s.name: float(s.n_tokens) for s in self.sources}
+        missing = set(self.names) ^ set(weights)
+        if missing:
+            raise DataError(f"mixture weights name {sorted(weights)} but the sources are "
+                            f"{self.names}; give one weight per source")
+        self.weights = normalize_weights({n: weights[n] for n in self.names})
+        self._bounds = slice_bounds([self.weights[n] for n in self.names])
+        self._reset_prefetch()
 
     @property
     def global_batch_windows(self) -> int:
         return self.micro_batch_size * self.dp_size
 
-    def window_ids(self, positions: np.ndarray) -> np.ndarray:
-        """Window ids at global positions of the training order (any epochs)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        epochs, offsets = np.divmod(positions, self.windows_per_epoch)
-        out = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            at = epochs == epoch
-            out[at] = permute(offsets[at], self.windows_per_epoch, seed=self.seed,
-                              epoch=int(epoch))
-        return out
+    def plan(self, cursor: int, consumed: np.ndarray) -> tuple[Plan, np.ndarray]:
+        """This rank's rows of the batch at `cursor`, and each source's count after the whole
+        global batch. Every rank computes the same global assignment and takes its slice. Cheap:
+        the windows themselves are resolved (`resolve`) where the batch is read."""
+        n = self.global_batch_windows
+        sources = assign_sources(np.arange(cursor, cursor + n), self._bounds,
+                                 mix_offset(self.seed))
+        k = np.empty(n, dtype=np.int64)  # each position's index in its source's order
+        after = consumed.copy()
+        for s in range(len(self.sources)):
+            at = sources == s
+            k[at] = consumed[s] + np.arange(int(at.sum()))
+            after[s] += int(at.sum())
+        mine = slice(self.dp_rank * self.micro_batch_size,
+                     (self.dp_rank + 1) * self.micro_batch_size)
+        return Plan(sources[mine], k[mine]), after
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next (inputs, targets), each int64 (micro_batch_size, seq_len)."""
-        first = self.cursor + self.dp_rank * self.micro_batch_size
-        self.last_windows = self.window_ids(np.arange(first, first + self.micro_batch_size))
+    def resolve(self, plan: Plan) -> Rows:
+        """The window ids of a plan's rows (each source's seeded permutation)."""
+        windows = np.empty_like(plan.k)
+        for s in np.unique(plan.sources):
+            at = plan.sources == s
+            windows[at] = self.sources[s].window_ids(plan.k[at], self.seed)
+        return Rows(plan.sources, windows)
+
+    def skip(self, positions: int) -> None:
+        """Advance the state by `positions` global positions without reading them, exactly as
+        if they had been consumed (to look at a later step; chunked, so any distance works)."""
+        while positions > 0:
+            n = min(positions, 1 << 20)
+            sources = assign_sources(np.arange(self.cursor, self.cursor + n), self._bounds,
+                                     mix_offset(self.seed))
+            self.consumed = self.consumed + np.bincount(sources, minlength=len(self.sources))
+            self.cursor += n
+            positions -= n
+        self._reset_prefetch()
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def next_batch(self) -> Batch:
+        """This rank's next batch: inputs and targets (micro_batch_size, seq_len), and document
+        ids / positions when masking is on."""
+        if self.num_workers <= 0:
+            plan, after = self.plan(self.cursor, self.consumed)
+            batch, rows = self._fetch(plan)
+        else:
+            if self._ahead is None:
+                self._ahead = Prefetcher(
+                    self.plan, self._fetch, cursor=self.cursor, consumed=self.consumed,
+                    step=self.global_batch_windows, num_workers=self.num_workers,
+                    depth=self.num_workers * self.prefetch)
+            ahead = self._ahead.get()
+            after = ahead.consumed
+            batch, rows = ahead.future.result()
         self.cursor += self.global_batch_windows
-        return self._batch(self.last_windows)
+        self.consumed, self.last_rows = after, rows
+        return batch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
 
-    def eval_batches(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`n` fixed batches for evaluation: windows in stream order from window 0 (wrapping
-        around a small split), sliced by rank like training batches; the cursor is untouched."""
+    def _fetch(self, plan: Plan) -> tuple[Batch, Rows]:
+        rows = self.resolve(plan)
+        return self.read(rows), rows
+
+    def read(self, rows: Rows) -> Batch:
+        """Read the windows `rows` names into a batch (thread-safe: the shards are read-only)."""
+        tokens = np.empty((len(rows.windows), self.seq_len + 1), dtype=np.int64)
+        for out, s, w in zip(tokens, rows.sources, rows.windows):
+            self.sources[s].read(int(w), out)
+        batch = Batch(torch.from_numpy(tokens[:, :-1].copy()),  # (B, T)
+                      torch.from_numpy(tokens[:, 1:].copy()))  # (B, T)
+        if self.document_masking:
+            ids = np.empty((len(rows.windows), self.seq_len), dtype=np.int64)  # (B, T)
+            for s in np.unique(rows.sources):
+                at = rows.sources == s
+                ids[at] = self.sources[s].document_ids(rows.windows[at])
+            batch.doc_ids = torch.from_numpy(ids)
+            if self.restart_positions:
+                batch.positions = torch.from_numpy(document_positions(ids))
+        return batch.pin_memory() if self.pin_memory else batch
+
+    def _reset_prefetch(self) -> None:
+        """Drop batches read ahead under a state that no longer holds."""
+        if getattr(self, "_ahead", None) is not None:
+            assert self._ahead is not None
+            self._ahead.close()
+            self._ahead = None
+
+    def close(self) -> None:
+        """Stop the prefetch threads."""
+        self._reset_prefetch()
+
+    def eval_batches(self, n: int, source: str | None = None) -> Iterator[Batch]:
+        """`n` fixed batches for evaluation, the same in every run: each source's windows in
+        stream order from window 0 (wrapping around a small split), mixed by weight (or only
+        `source`'s), sliced by rank like training batches. The training position is untouched.
+        """
+        g = self.global_batch_windows
+        positions = np.arange(n * g)
+        if source is None:
+            sources = assign_sources(positions, self._bounds, np.uint64(0))
+        else:
+            sources = np.full(n * g, self._index(source))
+        k = np.empty_like(positions)
+        for s, src in enumerate(self.sources):
+            at = sources == s
+            k[at] = np.arange(int(at.sum())) % src.windows_per_epoch
         for i in range(n):
-            first = i * self.global_batch_windows + self.dp_rank * self.micro_batch_size
-            windows = np.arange(first, first + self.micro_batch_size) % self.windows_per_epoch
-            yield self._batch(windows)
+            first = i * g + self.dp_rank * self.micro_batch_size
+            rows = slice(first, first + self.micro_batch_size)
+            yield self.read(Rows(sources[rows], k[rows]))
 
-    def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([self.window(int(w)) for w in windows]).astype(np.int64)
-        inputs = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
-        targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))  # (B, T)
-        return inputs, targets
+    def _index(self, name: str) -> int:
+        if name not in self.names:
+            raise DataError(f"no source named {name!r}; the sources are {self.names}")
+        return self.names.index(name)
 
-    def window(self, w: int) -> np.ndarray:
-        """The seq_len + 1 tokens of window `w`, gathered across shards when it crosses one."""
-        start = w * self.seq_len
-        return self._tokens(start, start + self.seq_len + 1)
-
-    def _tokens(self, start: int, stop: int) -> np.ndarray:
-        i = int(np.searchsorted(self._starts, start, side="right")) - 1
-        parts = []
-        while start < stop:
-            base = int(self._starts[i])
-            take = min(stop, int(self._starts[i + 1]))
-            parts.append(self.shards[i].tokens[start - base:take - base])
-            start, i = take, i + 1
-        return np.concatenate(parts)
+    # -- accounting ----------------------------------------------------------------------------
 
     @property
-    def doc_ends(self) -> np.ndarray:
-        """(n_docs,) exclusive end offsets of the documents in the split's token stream."""
-        if self._doc_ends is None:
-            ends = [s.doc_ends.astype(np.int64) + base
-                    for s, base in zip(self.shards, self._starts[:-1])]
-            self._doc_ends = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
-        return self._doc_ends
+    def windows_per_epoch(self) -> int:
+        return sum(s.windows_per_epoch for s in self.sources)
 
-    def document_ids(self, windows: np.ndarray) -> np.ndarray:
-        """(len(windows), seq_len) index of the document each input token belongs to, for
-        document-masked attention: tokens may attend to each other only within one document."""
-        positions = np.asarray(windows, dtype=np.int64)[:, None] * self.seq_len
-        positions = positions + np.arange(self.seq_len)
-        return np.searchsorted(self.doc_ends, positions, side="right")
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Target tokens in one pass over every source (each window predicts seq_len tokens)."""
+        return sum(s.tokens_per_epoch for s in self.sources)
+
+    def tokens_consumed(self) -> dict[str, int]:
+        """Target tokens each source has given all ranks together since the start of training."""
+        return {n: int(c) * self.seq_len for n, c in zip(self.names, self.consumed)}
+
+    def metrics(self) -> dict[str, float]:
+        """Per-source tokens consumed and epochs (passes over the source), for the run's log."""
+        out: dict[str, float] = {}
+        for s, c in zip(self.sources, self.consumed):
+            out[f"data/tokens/{s.name}"] = float(c * self.seq_len)
+            out[f"data/epoch/{s.name}"] = float(c) / s.windows_per_epoch
+        return out
+
+    # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The global position in the data order; identical on every rank."""
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
-                "seq_len": self.seq_len, "dataset": self.dataset_fingerprint}
+        """The global position and each source's, with what identifies the data; JSON-ready and
+        identical on every rank."""
+        return {
+            "version": STATE_VERSION, "cursor": self.cursor, "seed": self.seed,
+            "seq_len": self.seq_len,
+            "sources": {s.name: {"consumed": int(c), "fingerprint": s.fingerprint,
+                                 "weight": self.weights[s.name],
+                                 "windows_per_epoch": s.windows_per_epoch}
+                        for s, c in zip(self.sources, self.consumed)},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the saved position (with the saved seed), for any dp_size."""
-        if state["dataset"] != self.dataset_fingerprint or state["seq_len"] != self.seq_len:
-            raise DataError(f"the checkpoint's data position belongs to another dataset or "
-                            f"seq_len (seq_len={state['seq_len']}, this loader reads "
-                            f"{self.data_dir} with seq_len={self.seq_len}); resume with the data "
-                            "and seq_len it was saved with, or start a new run")
-        self.cursor = int(state["cursor"])
+        """Continue exactly after the saved position (with the saved seed), for any dp_size and
+        number of workers. Different data (shards, tokenizer, set of sources, seq_len) is a
+        DataError unless `allow_data_change`; new weights are simply used from here on."""
+        saved = _saved_sources(state)
+        changes = _data_changes(state, saved, self.sources, self.seq_len)
+        if changes and not self.allow_data_change:
+            raise DataError(f"the checkpoint's data position belongs to other data: "
+                            f"{'; '.join(changes)}; {_DATA_CHANGE_HINT}")
+        # With an allowed seq_len change, keep the tokens consumed rather than the windows.
+        scale = int(state["seq_len"]) / self.seq_len
+        self.cursor = int(int(state["cursor"]) * scale)
+        self.consumed = np.array([int(saved[n]["consumed"] * scale) if n in saved else 0
+                                  for n in self.names], dtype=np.int64)
         self.seed = int(state["seed"])
+        self.notes = [f"continuing on changed data: {c}" for c in changes]
+        old = {n: saved[n].get("weight") for n in self.names if n in saved}
+        if any(w is None or abs(w - self.weights[n]) > 1e-9 for n, w in old.items()):
+            self.notes.append(f"mixture weights changed from {old} to {self.weights}; each "
+                              "source continues from its own position")
+        self._reset_prefetch()
+
+    def __del__(self) -> None:
+        self._reset_prefetch()
 
 
-def _check_manifest(manifest: dict[str, Any], data_dir: str, split: str,
-                    tokenizer_fingerprint: str | None) -> None:
-    if split not in manifest["splits"]:
-        raise DataError(f"{data_dir} has no {split!r} split (it has "
-                        f"{sorted(manifest['splits'])}); {PREPARE_HINT}")
-    fingerprint = manifest["tokenizer"]["fingerprint"]
-    if tokenizer_fingerprint is not None and tokenizer_fingerprint != fingerprint:
-        raise DataError(f"{data_dir} was prepared with a different tokenizer than the one in "
-                        "use; use the tokenizer it was prepared with (its tokenizer.model) or "
-                        "re-prepare the data")
+def _check_same_tokenizer(sources: list[WindowSource]) -> None:
+    fingerprints = {s.tokenizer_fingerprint for s in sources}
+    if len(fingerprints) > 1:
+        by = {s.name: s.tokenizer_fingerprint[:12] for s in sources}
+        raise DataError(f"the mixed datasets were prepared with different tokenizers ({by}); "
+                        "prepare every source with the same tokenizer")
 
 
-def _check_vocab(manifest: dict[str, Any], data_dir: str, vocab_size: int) -> None:
-    # The shards may happen to use only low ids, but the tokenizer can emit any of its ids.
-    if manifest["vocab_size"] > vocab_size:
-        raise DataError(f"{data_dir} was tokenized with vocabulary {manifest['vocab_size']} but "
-                        f"model.vocab_size={vocab_size}; set model.vocab_size="
-                        f"{manifest['vocab_size']} or re-prepare with a matching tokenizer")
+def _saved_sources(state: dict[str, Any]) -> dict[str, Any]:
+    if state.get("version") != STATE_VERSION or not isinstance(state.get("sources"), dict):
+        raise DataError(f"the checkpoint's data position has format version "
+                        f"{state.get('version')}; this pretrain reads version {STATE_VERSION}; "
+                        "start a new run")
+    return state["sources"]
 
 
-def _open_shard(data_dir: str, entry: dict[str, Any], vocab_size: int, verify: bool) -> Shard:
-    shard = read_shard(os.path.join(data_dir, entry["name"]), verify=verify)
-    if shard.checksum != entry["checksum"] or shard.n_tokens != entry["n_tokens"]:
-        raise DataError(f"shard {shard.path} does not match {data_dir}'s manifest (replaced or "
-                        f"from another preparation); {PREPARE_HINT}")
-    if shard.max_token_id >= vocab_size:
-        raise DataError(f"shard {shard.path} holds token id {shard.max_token_id}, outside the "
-                        f"model's vocabulary of {vocab_size}: the data was tokenized with "
-                        "another tokenizer; set model.vocab_size to the tokenizer's vocabulary "
-                        "or re-prepare the data with the model's tokenizer")
-    return shard
-
-
-def _fingerprint(split: str, entries: list[dict[str, Any]]) -> str:
-    h = hashlib.sha256(split.encode())
-    for e in entries:
-        h.update(f"\0{e['name']}\0{e['checksum']}".encode())
-    return h.hexdigest()[:32]
+def _data_changes(state: dict[str, Any], saved: dict[str, Any], sources: list[WindowSource],
+                  seq_len: int) -> list[str]:
+    """How the configured data differs from the data the position was saved on."""
+    changes = []
+    if int(state["seq_len"]) != seq_len:
+        changes.append(f"seq_len was {state['seq_len']}, now {seq_len}")
+    names = {s.name for s in sources}
+    if set(saved) - names:
+        changes.append(f"sources {sorted(set(saved) - names)} are no longer configured")
+    if names - set(saved):
+        changes.append(f"sources {sorted(names - set(saved))} are new")
+    for s in sources:
+        if s.name in saved and saved[s.name]["fingerprint"] != s.fingerprint:
+            changes.append(f"source {s.name!r} ({s.data_dir}) holds other shards or another "
+                           "tokenizer than when the position was saved")
+    return changes

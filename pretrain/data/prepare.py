@@ -1,9 +1,10 @@
 """Turn a corpus into token shards: tokenizer training, preparation, and the trainer's cache.
 
-`prepare` streams documents, tokenizes them in worker processes, appends EOS to each, sends each
-document to the train or validation split by a hash of its index and text, and fills
-fixed-size shards of each split; the manifest is written last. The output depends only on the
-inputs, never on the number of workers.
+`prepare` streams documents, tokenizes them in worker processes, appends EOS to each, optionally
+drops exact duplicates, sends each document to the train or validation split by a hash of its
+index and text, and fills fixed-size shards of each split; the manifest is written last. The
+output depends only on the inputs, never on the number of workers, and an interrupted
+preparation resumes from its last finished shard (see `pretrain.data.shard_writer`).
 
 `ensure_prepared` is the trainer's single call: it returns a prepared directory and tokenizer for
 a `DataConfig`, training and preparing into a cache on first use, under a file lock so that
@@ -16,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import itertools
+import math
 import multiprocessing as mp
 import os
 import re
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from pretrain.data.dedup import HashSet, doc_hashes
+from pretrain.data.shard_writer import SplitWriter, load_progress, remove_progress, save_progress
 from pretrain.data.shards import (
     FORMAT_VERSION,
     MANIFEST_FORMAT,
@@ -35,9 +39,8 @@ from pretrain.data.shards import (
     dtype_for_vocab,
     read_manifest,
     write_manifest,
-    write_shard,
 )
-from pretrain.data.sources import describe_source, iter_documents
+from pretrain.data.sources import SourceStats, describe_source, iter_documents
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 
 if TYPE_CHECKING:  # importing the config pulls in Hydra, which spawned workers don't need
@@ -49,6 +52,7 @@ TOKENIZER_FILE = "tokenizer.model"
 _CACHE_VERSION = 1
 _BATCH_BYTES = 1 << 18  # documents per worker task: enough work to amortize the round trip
 _BATCH_DOCS = 1024
+_IN_FLIGHT = 8  # tasks in flight per worker
 _SHARD_NAME = re.compile(r"^\d{6}\.bin$")
 
 T = TypeVar("T")
@@ -70,12 +74,16 @@ def train_tokenizer_from_source(
 
 @dataclass
 class _Tokenized:
-    """One batch of documents, tokenized and split; each document ends with EOS."""
+    """One batch of documents, tokenized; each document ends with EOS."""
 
-    tokens: dict[str, np.ndarray]
-    """split -> (n,) uint32 tokens of that split's documents, concatenated."""
-    lengths: dict[str, np.ndarray]
-    """split -> (n_docs,) int64 document lengths, EOS included."""
+    tokens: np.ndarray
+    """(n,) the batch's tokens, concatenated, in the shard dtype (halves the transfer)."""
+    lengths: np.ndarray
+    """(n_docs,) int64 document lengths, EOS included."""
+    is_val: np.ndarray
+    """(n_docs,) bool: the document belongs to the validation split."""
+    hashes: np.ndarray | None
+    """(n_docs,) uint64 content hashes, when deduplicating."""
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -99,26 +107,28 @@ def is_val_document(index: int, text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
 
 
-def _tokenize_batch(task: tuple[int, list[str], float]) -> _Tokenized:
-    start, texts, val_fraction = task
-    assert _worker_tokenizer is not None, "worker not initialized"
-    eos = _worker_tokenizer.eos_id
-    docs: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
-    for i, (text, ids) in enumerate(zip(texts, _worker_tokenizer.encode_batch(texts))):
-        ids.append(eos)
-        docs["val" if is_val_document(start + i, text, val_fraction) else "train"].append(ids)
+def _tokenize_batch(task: tuple[int, list[str], float, bool]) -> _Tokenized:
+    start, texts, val_fraction, dedup = task
+    tok = _worker_tokenizer
+    assert tok is not None, "worker not initialized"
+    ids = tok.encode_batch(texts, eos=True)
     return _Tokenized(
-        tokens={s: np.fromiter(itertools.chain.from_iterable(d), dtype=np.uint32)
-                for s, d in docs.items()},
-        lengths={s: np.array([len(ids) for ids in d], dtype=np.int64) for s, d in docs.items()},
+        tokens=np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype_for_vocab(
+            tok.vocab_size)),
+        lengths=np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)),
+        is_val=np.fromiter((is_val_document(start + i, t, val_fraction)
+                            for i, t in enumerate(texts)), dtype=bool, count=len(texts)),
+        hashes=doc_hashes(texts) if dedup else None,
     )
 
 
-def _batches(docs: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
-    """(index of the first document, documents) in batches of about _BATCH_BYTES."""
+def _batches(docs: Iterable[str], first: int) -> Iterator[tuple[int, list[str]]]:
+    """(index of the first document, documents) in batches of about _BATCH_BYTES; the first
+    document of `docs` has index `first`."""
     batch: list[str] = []
-    size = start = 0
-    for index, doc in enumerate(docs):
+    size = 0
+    start = first
+    for index, doc in enumerate(docs, first):
         batch.append(doc)
         size += len(doc)
         if size >= _BATCH_BYTES or len(batch) >= _BATCH_DOCS:
@@ -135,10 +145,11 @@ def _ordered_map(
     """fn over items in order, in `workers` processes, with a bounded number of tasks in flight.
 
     Pool.imap would read the whole input ahead of the workers (unbounded memory on a large
-    corpus), so tasks are submitted through a window of 2 * workers. Workers are forked where
-    the platform allows, as torch's DataLoader workers are: they touch neither torch nor CUDA,
-    and unlike spawn, fork does not re-import the caller's main module (which fails for stdin
-    or notebook code and costs a torch import per worker).
+    corpus), so tasks are submitted through a window of _IN_FLIGHT * workers: wide enough that
+    one large task does not leave the other workers idle while its result is awaited. Workers
+    are forked where the platform allows, as torch's DataLoader workers are: they touch neither
+    torch nor CUDA, and unlike spawn, fork does not re-import the caller's main module (which
+    fails for stdin or notebook code and costs a torch import per worker).
     """
     if workers <= 1:
         initializer(*initargs)
@@ -149,109 +160,210 @@ def _ordered_map(
         pending: deque[Any] = deque()
         for item in items:
             pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= _IN_FLIGHT * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
 
 
-# ---------------------------------------------------------------------------------------------
-# Shard writing
+def _route(result: _Tokenized, start: int, writers: dict[str, SplitWriter],
+           seen: HashSet | None) -> int:
+    """Hand a tokenized batch's documents to the split writers; return duplicates dropped."""
+    n = len(result.lengths)
+    keep = np.ones(n, dtype=bool) if seen is None else ~seen.add(result.hashes)
+    index = np.arange(start, start + n)
+    for split, mask in (("train", keep & ~result.is_val), ("val", keep & result.is_val)):
+        tokens = result.tokens if mask.all() else result.tokens[np.repeat(mask, result.lengths)]
+        writers[split].add(index[mask], tokens, result.lengths[mask], upto=start + n)
+    return int(n - keep.sum())
 
 
-class _SplitWriter:
-    """Cuts one split's token stream into shards of exactly `shard_tokens` (the last partial)."""
+def _replay_hashes(docs: Iterator[str], n: int, seen: HashSet) -> int:
+    """Consume the first `n` documents, adding their hashes; return the duplicates among them.
 
-    def __init__(self, data_dir: str, split: str, shard_tokens: int, vocab_size: int):
-        self.data_dir, self.split = data_dir, split
-        self.shard_tokens, self.vocab_size = shard_tokens, vocab_size
-        self.chunks: list[np.ndarray] = []
-        self.ends: list[np.ndarray] = []  # document end offsets relative to the pending tokens
-        self.pending = 0
-        self.shards: list[dict[str, Any]] = []
-
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        if not tokens.size:
-            return
-        self.chunks.append(tokens)
-        self.ends.append(self.pending + np.cumsum(lengths))
-        self.pending += tokens.size
-        while self.pending >= self.shard_tokens:
-            self._write(self.shard_tokens)
-
-    def close(self) -> dict[str, Any]:
-        """Write the partial last shard; return this split's manifest entry."""
-        if self.pending:
-            self._write(self.pending)
-        return {"n_tokens": sum(s["n_tokens"] for s in self.shards),
-                "n_docs": sum(s["n_docs"] for s in self.shards),
-                "shards": self.shards}
-
-    def _write(self, n: int) -> None:
-        tokens = np.concatenate(self.chunks)
-        ends = np.concatenate(self.ends)
-        inside = ends <= n
-        name = f"{self.split}/{len(self.shards):06d}.bin"
-        checksum = write_shard(os.path.join(self.data_dir, name), tokens[:n], ends[inside],
-                               vocab_size=self.vocab_size)
-        self.shards.append({"name": name, "n_tokens": n, "n_docs": int(inside.sum()),
-                            "checksum": checksum})
-        self.chunks, self.ends = [tokens[n:]], [ends[~inside] - n]
-        self.pending -= n
+    A resumed preparation does this for the documents before its restart point, so that it
+    drops exactly the duplicates an uninterrupted run would.
+    """
+    duplicates = 0
+    while n > 0:
+        batch = list(itertools.islice(docs, min(n, _BATCH_DOCS)))
+        if not batch:
+            break
+        duplicates += int(seen.add(doc_hashes(batch)).sum())
+        n -= len(batch)
+    return duplicates
 
 
 def _clear_previous(out_dir: str) -> None:
-    """Unmark `out_dir` as prepared (manifest first), then remove shards an earlier run left."""
+    """Unmark `out_dir` as prepared (manifest first), then remove what an earlier run left."""
     manifest = os.path.join(out_dir, MANIFEST_NAME)
     if os.path.exists(manifest):
         os.unlink(manifest)
+    remove_progress(out_dir)
+    _remove_shards(out_dir, keep=set())
+
+
+def _remove_shards(out_dir: str, keep: set[str]) -> None:
+    """Remove shard and temporary files of `out_dir` whose names ('train/000003.bin') are not
+    in `keep`."""
     for split in SPLITS:
         split_dir = os.path.join(out_dir, split)
-        if os.path.isdir(split_dir):
-            for name in os.listdir(split_dir):
-                if _SHARD_NAME.match(name) or name.endswith(".tmp"):
-                    os.unlink(os.path.join(split_dir, name))
+        if not os.path.isdir(split_dir):
+            continue
+        for name in os.listdir(split_dir):
+            stale = _SHARD_NAME.match(name) and f"{split}/{name}" not in keep
+            if stale or name.endswith(".tmp"):
+                os.unlink(os.path.join(split_dir, name))
 
 
 # ---------------------------------------------------------------------------------------------
 # prepare
 
 
+@dataclass
+class _Run:
+    """What one preparation needs besides its arguments."""
+
+    key: str
+    writers: dict[str, SplitWriter]
+    restart: int
+    """Corpus index of the first document to tokenize (0 unless resuming)."""
+
+
 def prepare(
     source: str, tokenizer_path: str, out_dir: str, *, num_workers: int = 1,
     shard_tokens: int = 1 << 20, val_fraction: float = 0.0, text_field: str = "text",
-    split: str = "train", max_bytes: int = 0,
+    split: str = "train", max_bytes: int = 0, dedup: bool = False, resume: bool = True,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Tokenize `source` into train/val shards under `out_dir`; return the manifest.
 
-    The tokenizer is copied into `out_dir` (as tokenizer.model), so the directory is
-    self-contained. The manifest is written last; until then `out_dir` is not a dataset.
+    With `resume`, a finished preparation of the same inputs is returned as is, and an
+    unfinished one continues where it stopped, producing the files an uninterrupted run would;
+    without it, `out_dir` is prepared from scratch. With `dedup`, documents whose text equals an
+    earlier document's are dropped (counted in the manifest). The tokenizer is copied into
+    `out_dir` (as tokenizer.model), so the directory is self-contained. The manifest is written
+    last; until then `out_dir` is not a dataset.
     """
     if shard_tokens <= 0 or not 0.0 <= val_fraction < 1.0:
         raise DataError(f"shard_tokens={shard_tokens} must be > 0 and val_fraction="
                         f"{val_fraction} in [0, 1)")
     tok = Tokenizer.load(tokenizer_path)
     description = describe_source(source, text_field=text_field, split=split)
-    os.makedirs(out_dir, exist_ok=True)
-    _clear_previous(out_dir)
-    writers = {s: _SplitWriter(out_dir, s, shard_tokens, tok.vocab_size) for s in SPLITS}
-    docs = iter_documents(source, text_field=text_field, split=split, max_bytes=max_bytes)
-    tasks = ((start, texts, val_fraction) for start, texts in _batches(docs))
-    for result in _ordered_map(_tokenize_batch, tasks, workers=num_workers,
-                               initializer=_init_worker, initargs=(tokenizer_path,)):
-        for s in SPLITS:
-            writers[s].add(result.tokens[s], result.lengths[s])
-    splits = {s: w.close() for s, w in writers.items()}
+    params = {"source": source, "description": description, "text_field": text_field,
+              "split": split, "max_bytes": max_bytes}
+    key = _cache_key(description, tok.fingerprint, shard_tokens, val_fraction, max_bytes,
+                     text_field, split, dedup)
+    if resume and (done := _finished(out_dir, key)) is not None:
+        log(f"{out_dir} is already prepared from these inputs")
+        return done
+    run = _start(out_dir, key, resume, shard_tokens, val_fraction, tok.vocab_size, log)
+    stats = SourceStats()
+    docs = iter_documents(source, text_field=text_field, split=split, max_bytes=max_bytes,
+                          stats=stats)
+    splits, counts = _tokenize_into_shards(run, docs, tokenizer_path, val_fraction, dedup,
+                                           num_workers)
+    counts["skipped"] = stats.skipped
     if not splits["train"]["n_docs"]:
-        raise DataError(f"source {source} yielded no training documents for {out_dir}; check "
-                        "the source and text field, or lower val_fraction")
+        _clear_previous(out_dir)
+        raise DataError(f"source {source} yielded no training documents for {out_dir} "
+                        f"({counts['read']} read, {counts['duplicates']} duplicates, skipped: "
+                        f"{stats.describe()}); check the source and text field, or lower "
+                        "val_fraction")
     _copy_tokenizer(tokenizer_path, out_dir)
     manifest = _manifest(tok, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
-                         source={"source": source, "description": description,
-                                 "text_field": text_field, "split": split,
-                                 "max_bytes": max_bytes})
+                         val_shard_tokens=_val_shard_tokens(shard_tokens, val_fraction),
+                         dedup=dedup, documents=counts, prepare_key=key, source=params)
     write_manifest(out_dir, manifest)
+    remove_progress(out_dir)
     return manifest
+
+
+def _finished(out_dir: str, key: str) -> dict[str, Any] | None:
+    if not os.path.isfile(os.path.join(out_dir, MANIFEST_NAME)):
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+    except DataError:
+        return None
+    return manifest if manifest.get("prepare_key") == key else None
+
+
+def _start(out_dir: str, key: str, resume: bool, shard_tokens: int, val_fraction: float,
+           vocab_size: int, log: Callable[[str], None]) -> _Run:
+    """The split writers, fresh or at the saved resume points of an unfinished run."""
+    os.makedirs(out_dir, exist_ok=True)
+    saved = load_progress(out_dir, key) if resume else None
+    if saved is None:
+        _clear_previous(out_dir)
+    else:
+        manifest = os.path.join(out_dir, MANIFEST_NAME)
+        if os.path.exists(manifest):
+            os.unlink(manifest)
+        _remove_shards(out_dir, keep={e["name"] for s in saved.values() for e in s["shards"]})
+    writers: dict[str, SplitWriter] = {}
+    sizes = {"train": shard_tokens, "val": _val_shard_tokens(shard_tokens, val_fraction)}
+    for s in SPLITS:
+        writers[s] = SplitWriter(out_dir, s, sizes[s], vocab_size,
+                                 resume=saved[s] if saved else None,
+                                 on_shard=lambda: save_progress(out_dir, key, writers))
+    restart = min(w.next_doc for w in writers.values())
+    if saved is not None:
+        done = sum(len(w.shards) for w in writers.values())
+        log(f"resuming the preparation of {out_dir}: {done} shards done, continuing at "
+            f"document {restart}")
+    return _Run(key, writers, restart)
+
+
+def _val_shard_tokens(shard_tokens: int, val_fraction: float) -> int:
+    """Validation shards fill about as fast as training shards (in corpus documents), so a
+    restarted preparation never re-tokenizes much more than one training shard's worth."""
+    return max(min(shard_tokens, 4096), math.ceil(shard_tokens * val_fraction))
+
+
+def _tokenize_into_shards(
+    run: _Run, docs: Iterator[str], tokenizer_path: str, val_fraction: float, dedup: bool,
+    num_workers: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tokenize `docs` from the restart point into the writers; (splits, document counts)."""
+    seen = HashSet() if dedup else None
+    duplicates = 0
+    if seen is not None:
+        duplicates = _replay_hashes(docs, run.restart, seen)
+    else:
+        _skip(docs, run.restart)
+    read = run.restart
+    tasks = ((start, texts, val_fraction, dedup) for start, texts in _batches(docs, run.restart))
+    for result in _ordered_map(_tokenize_batch, tasks, workers=num_workers,
+                               initializer=_init_worker, initargs=(tokenizer_path,)):
+        duplicates += _route(result, read, run.writers, seen)
+        read += len(result.lengths)
+    splits = {s: w.close() for s, w in run.writers.items()}
+    return splits, {"read": read, "duplicates": duplicates}
+
+
+def _skip(docs: Iterator[str], n: int) -> None:
+    for _ in itertools.islice(docs, n):
+        pass
+
+
+def _document_lengths(texts: list[str]) -> np.ndarray:
+    tok = _worker_tokenizer
+    assert tok is not None, "worker not initialized"
+    return np.fromiter(map(len, tok.encode_batch(texts, eos=True)), dtype=np.int64,
+                       count=len(texts))
+
+
+def count_document_tokens(
+    source: str, tokenizer_path: str, *, num_workers: int = 1, text_field: str = "text",
+    split: str = "train", max_bytes: int = 0,
+) -> Iterator[np.ndarray]:
+    """Token counts (EOS included) of the documents of `source`, a batch at a time, tokenized
+    in worker processes as `prepare` would and then discarded."""
+    docs = iter_documents(source, text_field=text_field, split=split, max_bytes=max_bytes)
+    yield from _ordered_map(_document_lengths, (texts for _, texts in _batches(docs, 0)),
+                            workers=num_workers, initializer=_init_worker,
+                            initargs=(tokenizer_path,))
 
 
 def _copy_tokenizer(tokenizer_path: str, out_dir: str) -> None:
@@ -292,14 +404,17 @@ def ensure_prepared(cfg: DataConfig, *, vocab_size: int) -> tuple[str, str]:
     tokenizer_path = cfg.tokenizer or _cached_tokenizer(cfg, cache_dir, description, vocab_size)
     tok = Tokenizer.load(tokenizer_path)
     check_vocab(tok, vocab_size)
+    # dedup joins the key only when on, so caches made before the option existed stay valid.
     key = _cache_key(description, cfg.max_bytes, tok.fingerprint, cfg.val_fraction,
-                     cfg.shard_tokens)
+                     cfg.shard_tokens, *(["dedup"] if cfg.dedup else []))
     data_dir = os.path.join(cache_dir, "data", f"{_safe(cfg.name)}-{key}")
     with file_lock(data_dir + ".lock"):
         if not os.path.isfile(os.path.join(data_dir, MANIFEST_NAME)):
+            # An unfinished preparation (a killed run) resumes where it stopped.
             prepare(cfg.source, tokenizer_path, data_dir, num_workers=cfg.prepare_workers,
                     shard_tokens=cfg.shard_tokens, val_fraction=cfg.val_fraction,
-                    text_field=cfg.text_field, split=cfg.split, max_bytes=cfg.max_bytes)
+                    text_field=cfg.text_field, split=cfg.split, max_bytes=cfg.max_bytes,
+                    dedup=cfg.dedup, log=print)
     return data_dir, tokenizer_path
 
 

@@ -1,17 +1,27 @@
-"""The window loader: one seeded global order, rank slicing, exact resume, epochs, and checks."""
+"""The window loader on one source: one seeded global order, rank slicing, exact resume (also
+with prefetch threads), epochs, the data fingerprint, and checks."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pretrain.data import DataError, ShardedWindowLoader, Tokenizer, read_manifest, read_shard
-from pretrain.data.loader import permute
+from pretrain.data import (
+    Batch,
+    DataError,
+    ShardedWindowLoader,
+    Tokenizer,
+    read_manifest,
+    read_shard,
+)
 from pretrain.data.prepare import prepare, train_tokenizer_from_source
+from pretrain.data.windows import permute
 
 VOCAB = 400
 SEQ = 16
@@ -38,23 +48,37 @@ def stream(data_dir: Path, split: str = "train") -> np.ndarray:
                            for e in entries])
 
 
-def batches(loader: ShardedWindowLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(loader: ShardedWindowLoader, n: int) -> list[Batch]:
     return [loader.next_batch() for _ in range(n)]
 
 
-def same(a: list[tuple[torch.Tensor, ...]], b: list[tuple[torch.Tensor, ...]]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for p, q in zip(a, b)
-                                    for x, y in zip(p, q))
+def same(a: list[Batch], b: list[Batch]) -> bool:
+    """Equal inputs, targets, and doc ids / positions when present."""
+    def fields(x: Batch) -> list[torch.Tensor | None]:
+        return [x.inputs, x.targets, x.doc_ids, x.positions]
+
+    return len(a) == len(b) and all(
+        (p is None and q is None) or (p is not None and q is not None and torch.equal(p, q))
+        for x, y in zip(a, b) for p, q in zip(fields(x), fields(y)))
+
+
+def cat(parts: list[Batch]) -> Batch:
+    """The ranks' batches of one step, stacked in rank order."""
+    def stack(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat(ts)  # type: ignore[arg-type]
+
+    return Batch(stack([p.inputs for p in parts]), stack([p.targets for p in parts]),
+                 stack([p.doc_ids for p in parts]), stack([p.positions for p in parts]))
 
 
 def test_batches_are_shifted_windows_of_the_stream(data_dir: Path) -> None:
     loader, tokens = make(data_dir, seed=3), stream(data_dir)
-    assert len(loader.shards) > 3  # so that some windows cross shard boundaries
+    assert len(loader.sources[0].shards) > 3  # so that some windows cross shard boundaries
     assert loader.windows_per_epoch == (len(tokens) - 1) // SEQ
     assert loader.tokens_per_epoch == loader.windows_per_epoch * SEQ
-    x, y = loader.next_batch()
+    x, y = loader.next_batch()  # a Batch unpacks as (inputs, targets)
     assert x.shape == y.shape == (4, SEQ) and x.dtype == y.dtype == torch.int64
-    for row, w in enumerate(loader.last_windows):
+    for row, w in enumerate(loader.last_rows.windows):
         np.testing.assert_array_equal(x[row].numpy(), tokens[w * SEQ:w * SEQ + SEQ])
         np.testing.assert_array_equal(y[row].numpy(), tokens[w * SEQ + 1:w * SEQ + SEQ + 1])
 
@@ -63,7 +87,7 @@ def test_windows_cross_shard_boundaries(data_dir: Path) -> None:
     loader, tokens = make(data_dir), stream(data_dir)
     w = 3000 // SEQ  # shard 0 holds 3000 tokens: this window starts in it and ends in shard 1
     assert w * SEQ < 3000 < w * SEQ + SEQ + 1
-    np.testing.assert_array_equal(loader.window(w), tokens[w * SEQ:w * SEQ + SEQ + 1])
+    np.testing.assert_array_equal(loader.sources[0].window(w), tokens[w * SEQ:w * SEQ + SEQ + 1])
 
 
 def test_same_seed_same_batches_other_seed_differs(data_dir: Path) -> None:
@@ -72,35 +96,32 @@ def test_same_seed_same_batches_other_seed_differs(data_dir: Path) -> None:
     assert not same(a, batches(make(data_dir, seed=2), 5))
 
 
-def test_ranks_split_the_global_batch_without_overlap(data_dir: Path) -> None:
-    whole = make(data_dir, micro_batch_size=6, seed=5)
-    ranks = [make(data_dir, micro_batch_size=2, dp_rank=r, dp_size=3, seed=5) for r in range(3)]
-    for _ in range(4):
-        x, y = whole.next_batch()
-        parts = [r.next_batch() for r in ranks]
-        seen = [set(r.last_windows.tolist()) for r in ranks]
-        assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
-        assert torch.equal(torch.cat([p[0] for p in parts]), x)
-        assert torch.equal(torch.cat([p[1] for p in parts]), y)
-
-
-def test_order_does_not_depend_on_dp_size(data_dir: Path) -> None:
-    # global batch 4: one rank with 2 accumulation micro-steps of 2 == two ranks with one each
-    one = make(data_dir, micro_batch_size=2, seed=9)
-    two = [make(data_dir, micro_batch_size=2, dp_rank=r, dp_size=2, seed=9) for r in range(2)]
+@pytest.mark.parametrize("dp_size", [1, 2, 4])
+def test_same_global_order_for_1_2_and_4_ranks(data_dir: Path, dp_size: int) -> None:
+    # global batch 8: one rank with 4 accumulation micro-steps of 2 == dp_size ranks with 8/dp
+    reference = make(data_dir, micro_batch_size=2, seed=9)
+    mb = 8 // dp_size
+    ranks = [make(data_dir, micro_batch_size=mb, dp_rank=r, dp_size=dp_size, seed=9)
+             for r in range(dp_size)]
     for _ in range(3):
-        assert same(batches(one, 2), [r.next_batch() for r in two])
+        expected = cat(batches(reference, 4))
+        parts = [r.next_batch() for r in ranks]
+        assert same([cat(parts)], [expected])
+        seen = [set(r.last_rows.windows.tolist()) for r in ranks]
+        assert sum(map(len, seen)) == len(set().union(*seen)) == 8  # no overlap
+    assert all(r.state_dict() == reference.state_dict() for r in ranks)
 
 
 def test_exact_resume(data_dir: Path) -> None:
     full = batches(make(data_dir, seed=4), 7)
     first = make(data_dir, seed=4)
     batches(first, 3)
-    state = first.state_dict()
-    assert state["cursor"] == 12 and state["epoch"] == 0 and state["seed"] == 4
+    state = json.loads(json.dumps(first.state_dict()))  # it travels in trainer_state.json
+    assert state["cursor"] == 12 and state["seed"] == 4
+    assert state["sources"]["data"]["consumed"] == 12
     resumed = make(data_dir, seed=999)  # the checkpoint's seed wins
     resumed.load_state_dict(state)
-    assert same(batches(resumed, 4), full[3:])
+    assert same(batches(resumed, 4), full[3:]) and resumed.notes == []
 
 
 def test_resume_with_another_dp_size_continues_the_global_order(data_dir: Path) -> None:
@@ -111,23 +132,24 @@ def test_resume_with_another_dp_size_continues_the_global_order(data_dir: Path) 
     ranks = [make(data_dir, micro_batch_size=2, dp_rank=r, dp_size=2, seed=6) for r in range(2)]
     for r in ranks:
         r.load_state_dict(state)
-    for x, y in expected:
-        parts = [r.next_batch() for r in ranks]
-        assert torch.equal(torch.cat([p[0] for p in parts]), x)
-        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    for batch in expected:
+        assert same([cat([r.next_batch() for r in ranks])], [batch])
 
 
-def test_each_epoch_is_a_fresh_permutation_of_all_windows(data_dir: Path) -> None:
-    loader = make(data_dir, micro_batch_size=7, seed=2)
-    n = loader.windows_per_epoch
-    seen = []
-    while loader.cursor < 2 * n + 7:  # batches straddle the epoch ends
-        loader.next_batch()
-        seen.extend(loader.last_windows.tolist())
+def test_union_of_windows_across_ranks_covers_each_window_once_per_epoch(
+    data_dir: Path
+) -> None:
+    ranks = [make(data_dir, micro_batch_size=3, dp_rank=r, dp_size=4, seed=2) for r in range(4)]
+    n = ranks[0].windows_per_epoch
+    seen: list[int] = []
+    while ranks[0].cursor < 2 * n + 12:  # batches straddle the epoch ends
+        for r in ranks:
+            r.next_batch()
+            seen.extend(r.last_rows.windows.tolist())
     epoch0, epoch1 = seen[:n], seen[n:2 * n]
     assert sorted(epoch0) == sorted(epoch1) == list(range(n))
-    assert epoch0 != epoch1 and loader.epoch == 2
-    assert loader.state_dict()["epoch"] == 2
+    assert epoch0 != epoch1
+    assert ranks[0].metrics()["data/epoch/data"] == pytest.approx(ranks[0].cursor / n)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64, 1000, 4097])
@@ -145,34 +167,118 @@ def test_eval_batches_are_fixed_and_in_order(data_dir: Path) -> None:
     tokens = stream(data_dir, "val")
     first = list(val.eval_batches(3))
     assert same(first, list(val.eval_batches(3))) and val.cursor == 0
-    np.testing.assert_array_equal(first[0][0][0].numpy(), tokens[:SEQ])
-    np.testing.assert_array_equal(first[1][0][1].numpy(), tokens[3 * SEQ:4 * SEQ])
+    assert same(first, list(make(data_dir, "val", micro_batch_size=2, seed=7).eval_batches(3)))
+    np.testing.assert_array_equal(first[0].inputs[0].numpy(), tokens[:SEQ])
+    np.testing.assert_array_equal(first[1].inputs[1].numpy(), tokens[3 * SEQ:4 * SEQ])
     ranks = [make(data_dir, "val", micro_batch_size=1, dp_rank=r, dp_size=2) for r in range(2)]
     split = [list(r.eval_batches(3)) for r in ranks]
-    for i, (x, _) in enumerate(first):
-        assert torch.equal(torch.cat([split[0][i][0], split[1][i][0]]), x)
+    for i, batch in enumerate(first):
+        assert same([cat([split[0][i], split[1][i]])], [batch])
 
 
 def test_document_ids_change_right_after_eos(data_dir: Path) -> None:
-    loader, tokens = make(data_dir), stream(data_dir)
+    source, tokens = make(data_dir).sources[0], stream(data_dir)
     eos = Tokenizer.load(str(data_dir / "tokenizer.model")).eos_id
-    n = loader.windows_per_epoch
-    ids = loader.document_ids(np.arange(n))
-    assert ids.shape == (n, SEQ) and ids[0, 0] == 0
-    step = np.diff(ids, axis=1)
+    n = source.windows_per_epoch
+    ids = source.document_ids(np.arange(n))
+    assert ids.shape == (n, SEQ) and (ids[:, 0] == 0).all()
     inputs = tokens[:n * SEQ].reshape(n, SEQ)
-    np.testing.assert_array_equal(step, (inputs[:, :-1] == eos).astype(step.dtype))
-    assert ids[-1, -1] < len(loader.doc_ends) and len(loader.doc_ends) > 3
+    np.testing.assert_array_equal(np.diff(ids, axis=1), inputs[:, :-1] == eos)
+    assert ids.max() >= 1 and (inputs == eos).sum() >= 3
 
 
-def test_token_id_outside_the_model_vocabulary(data_dir: Path) -> None:
+# ---------------------------------------------------------------------------------------------
+# prefetch threads
+
+
+@pytest.mark.parametrize("masking", [False, True])
+def test_same_windows_for_0_1_and_2_workers(data_dir: Path, masking: bool) -> None:
+    kw = dict(seed=5, document_masking=masking, restart_positions=masking)
+    reference = batches(make(data_dir, **kw), 12)
+    for workers, prefetch in ((1, 3), (2, 2)):
+        loader = make(data_dir, num_workers=workers, prefetch=prefetch, **kw)
+        assert same(batches(loader, 12), reference)
+        loader.close()
+
+
+def test_exact_resume_with_workers(data_dir: Path) -> None:
+    reference = make(data_dir, seed=8)
+    expected = batches(reference, 9)
+    loader = make(data_dir, seed=8, num_workers=2, prefetch=3)
+    batches(loader, 5)
+    state = loader.state_dict()  # 6 more batches are read ahead; the state ignores them
+    assert state["cursor"] == 5 * 4
+    loader.close()
+    for workers in (0, 2):
+        resumed = make(data_dir, seed=8, num_workers=workers)
+        resumed.load_state_dict(state)
+        assert same(batches(resumed, 4), expected[5:])
+        resumed.close()
+
+
+def test_loading_a_state_drops_batches_read_ahead(data_dir: Path) -> None:
+    expected = batches(make(data_dir, seed=3), 4)
+    loader = make(data_dir, seed=3, num_workers=2)
+    start = loader.state_dict()
+    batches(loader, 3)
+    loader.load_state_dict(start)
+    assert same(batches(loader, 4), expected)
+    loader.close()
+
+
+def test_prefetch_threads_stop_and_their_errors_reach_the_caller(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def data_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("data-")]
+
+    loader = make(data_dir, num_workers=2)
+    loader.next_batch()
+    assert "data-planner" in data_threads()
+    loader.close()
+    assert data_threads() == []
+
+    def disk_gone(w: int, out: np.ndarray) -> None:
+        raise OSError("disk gone")
+
+    broken = make(data_dir, num_workers=1)
+    monkeypatch.setattr(broken.sources[0], "read", disk_gone)
+    with pytest.raises(OSError, match="disk gone"):
+        broken.next_batch()
+    assert broken.cursor == 0  # nothing was consumed
+    broken.close()
+
+
+@pytest.mark.gpu
+def test_pinned_batches_copy_to_the_gpu_without_blocking(data_dir: Path) -> None:
+    loader = make(data_dir, num_workers=2, pin_memory=True, document_masking=True)
+    batch = loader.next_batch()
+    assert batch.inputs.is_pinned() and batch.doc_ids is not None and batch.doc_ids.is_pinned()
+    on_gpu = batch.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert on_gpu.inputs.is_cuda and torch.equal(on_gpu.inputs.cpu(), batch.inputs)
+    assert on_gpu.model_kwargs()["attn_mask"].is_cuda
+    loader.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def test_token_id_outside_the_model_vocabulary(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=rf"vocabulary {VOCAB} but model\.vocab_size=300; set "
+                                        rf"model\.vocab_size={VOCAB}"):
+        make(data_dir, vocab_size=300)
     biggest = max(read_shard(str(data_dir / e["name"])).max_token_id
                   for e in read_manifest(str(data_dir))["splits"]["train"]["shards"])
+    copy = tmp_path / "copy"  # a manifest that understates the vocabulary: the shards tell
+    shutil.copytree(data_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["vocab_size"] = biggest
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=rf"shard .*\.bin holds token id {biggest}, outside the "
                                         rf"model's vocabulary of {biggest}.*tokenizer"):
-        make(data_dir, vocab_size=biggest)
-    with pytest.raises(DataError, match=rf"vocabulary {VOCAB} but model\.vocab_size="):
-        make(data_dir, vocab_size=VOCAB - 1 if biggest < VOCAB - 1 else biggest + 1)
+        make(copy, vocab_size=biggest)
 
 
 def test_wrong_tokenizer_and_corrupt_shard_are_caught_at_open(
@@ -190,12 +296,40 @@ def test_wrong_tokenizer_and_corrupt_shard_are_caught_at_open(
         make(copy)
 
 
-def test_state_of_another_dataset_or_seq_len_is_refused(data_dir: Path) -> None:
-    state = make(data_dir).state_dict()
-    with pytest.raises(DataError, match="another dataset or seq_len"):
-        make(data_dir, seq_len=SEQ * 2).load_state_dict(state)
-    with pytest.raises(DataError, match="another dataset or seq_len"):
+def test_state_of_other_data_is_refused_unless_allowed(data_dir: Path, tmp_path: Path) -> None:
+    state = make(data_dir, seed=2).state_dict()
+    state["cursor"] = state["sources"]["data"]["consumed"] = 40
+    with pytest.raises(DataError, match=r"other data: .*'data' .* holds other shards or another "
+                                        r"tokenizer.*data\.allow_data_change=true"):
         make(data_dir, "val").load_state_dict(state)
+    # the fingerprint covers the tokenizer too: same shards, another tokenizer's manifest
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "f" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="holds other shards or another tokenizer"):
+        make(copy).load_state_dict(state)
+    allowed = make(copy, allow_data_change=True)
+    allowed.load_state_dict(state)
+    assert allowed.cursor == 40 and "changed data" in allowed.notes[0]
+
+
+def test_seq_len_change_is_refused_unless_allowed(data_dir: Path) -> None:
+    loader = make(data_dir)
+    batches(loader, 4)
+    state = loader.state_dict()
+    with pytest.raises(DataError, match="seq_len was 16, now 32"):
+        make(data_dir, seq_len=2 * SEQ).load_state_dict(state)
+    longer = make(data_dir, seq_len=2 * SEQ, allow_data_change=True)
+    longer.load_state_dict(state)
+    assert longer.cursor == 8 and longer.tokens_consumed() == loader.tokens_consumed()
+
+
+def test_state_of_another_format_is_refused(data_dir: Path) -> None:
+    old = {"epoch": 0, "cursor": 4, "seed": 0, "seq_len": SEQ, "dataset": "abc"}
+    with pytest.raises(DataError, match="format version None"):
+        make(data_dir).load_state_dict(old)
 
 
 def test_split_smaller_than_a_window(data_dir: Path) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +21,9 @@ import pytest
 from pretrain.config import DataConfig
 from pretrain.data import (
     DataError,
+    SourceStats,
     Tokenizer,
+    describe_source,
     ensure_prepared,
     is_val_document,
     iter_documents,
@@ -25,8 +32,10 @@ from pretrain.data import (
     train_tokenizer,
 )
 from pretrain.data import prepare as prepare_mod
+from pretrain.data import shard_writer as writer_mod
 from pretrain.data import sources as sources_mod
 from pretrain.data.builtin import builtin_files, stdlib_dir
+from pretrain.data.dedup import HashSet
 from pretrain.data.prepare import prepare
 from tools import prepare_data as prepare_tool
 
@@ -113,7 +122,7 @@ def test_max_bytes_cuts_exactly(corpus: Path, docs: list[str]) -> None:
 def test_missing_source_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data source .*nowhere\.jsonl does not exist"):
         list(iter_documents(str(tmp_path / "nowhere.jsonl")))
-    with pytest.raises(DataError, match=r"holds no \.txt, \.jsonl, \.parquet files"):
+    with pytest.raises(DataError, match=r"holds no \.txt, \.jsonl, .*\.parquet files"):
         list(iter_documents(str(tmp_path / "*.jsonl")))
 
 
@@ -132,6 +141,49 @@ def test_bad_jsonl_line_is_named(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(DataError, match=r"b\.jsonl:2 is not valid JSON"):
         list(iter_documents(str(tmp_path / "b.jsonl")))
+
+
+def test_compressed_jsonl_streams_like_plain(tmp_path: Path, docs: list[str]) -> None:
+    import zstandard
+
+    plain = write_jsonl(tmp_path / "a.jsonl", docs[:20]).read_bytes()
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "a.jsonl.gz").write_bytes(gzip.compress(plain))
+    (tmp_path / "gz" / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
+    assert list(iter_documents(str(tmp_path / "gz"))) == docs[:20] * 2
+    assert "files=" in describe_source(str(tmp_path / "gz" / "*.jsonl.*"))
+
+
+def test_unusable_documents_are_skipped_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_bytes(
+        b'{"text": "one"}\n{"text": ""}\n{"text": null}\n\xff\xfe not utf-8\n'
+        b'{"text": "lone \\ud800 surrogate"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
+    (tmp_path / "b.txt").write_bytes(b"latin-1 caf\xe9")
+    (tmp_path / "c.txt").write_text("two")
+    stats = SourceStats()
+    assert list(iter_documents(str(tmp_path), stats=stats)) == ["one", "pair 😀 ok", "two"]
+    assert stats.skipped == {"empty": 2, "non_utf8": 3}
+    assert stats.first["non_utf8"].endswith("a.jsonl:4")
+    assert "2 empty" in stats.describe() and "3 non_utf8 (first at" in stats.describe()
+
+
+def test_unreadable_or_damaged_files_are_named(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"cannot read corpus file .*bad\.jsonl\.gz"):
+        list(iter_documents(str(tmp_path / "bad.jsonl.gz")))
+    (tmp_path / "cut.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd garbage")
+    with pytest.raises(DataError, match=r"cannot read corpus file .*cut\.jsonl\.zst"):
+        list(iter_documents(str(tmp_path / "cut.jsonl.zst")))
+    write_jsonl(tmp_path / "locked.jsonl", ["x"])
+
+    def denied(path: str) -> Any:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(sources_mod, "_open_binary", denied)  # root ignores chmod
+    with pytest.raises(DataError, match=r"cannot read corpus file .*locked\.jsonl "
+                                        r"\(.*Permission denied"):
+        list(iter_documents(str(tmp_path / "locked.jsonl")))
 
 
 def test_hub_source_streams_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,13 +292,177 @@ def test_crash_during_prepare_leaves_no_manifest(
         written.append(path)
         return real(path, *args, **kwargs)
 
-    real = prepare_mod.write_shard
-    monkeypatch.setattr(prepare_mod, "write_shard", flaky_write_shard)
+    real = writer_mod.write_shard
+    monkeypatch.setattr(writer_mod, "write_shard", flaky_write_shard)
     with pytest.raises(OSError, match="killed"):
         prepare(str(corpus), tok_path, str(tmp_path / "o"), shard_tokens=500)
     assert not (tmp_path / "o" / "manifest.json").exists()
     with pytest.raises(DataError, match="not a prepared dataset"):
         read_manifest(str(tmp_path / "o"))
+
+
+def tree(out: Path) -> dict[str, str]:
+    """Every file under `out` and its digest."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def dup_corpus(tmp_path: Path, docs: list[str]) -> Path:
+    """docs with every fifth one repeated later (20 exact duplicates)."""
+    return write_jsonl(tmp_path / "dups.jsonl", docs[:100] + docs[:100:5])
+
+
+RESUME_ARGS: dict[str, Any] = dict(shard_tokens=400, val_fraction=0.2, dedup=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, docs: list[str],
+                  tok_path: str) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    corpus = dup_corpus(root, docs)
+    prepare(str(corpus), tok_path, str(root / "out"), num_workers=1, **RESUME_ARGS)
+    return corpus, tree(root / "out")
+
+
+@pytest.mark.parametrize("stops", [[1], [4, 9], [6, 1, 12], [30]])
+def test_resumed_preparation_equals_uninterrupted(
+    uninterrupted: tuple[Path, dict[str, str]], tmp_path: Path, tok_path: str,
+    monkeypatch: pytest.MonkeyPatch, stops: list[int],
+) -> None:
+    corpus, expected = uninterrupted
+    assert len([n for n in expected if n.startswith("val/")]) > 3  # val shards cut too
+    out = tmp_path / "out"
+    real = writer_mod.write_shard
+    written: list[str] = []
+    for stop in stops:  # each run dies while writing its stop-th shard
+        def dying_write_shard(path: str, *args: Any, stop: int = stop, **kw: Any) -> str:
+            if len(written) == stop:
+                raise KeyboardInterrupt("killed")
+            written.append(path)
+            return real(path, *args, **kw)
+
+        written.clear()
+        monkeypatch.setattr(writer_mod, "write_shard", dying_write_shard)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(str(corpus), tok_path, str(out), num_workers=2, **RESUME_ARGS)
+        assert (out / "prepare.progress.json").exists() and not (out / "manifest.json").exists()
+    monkeypatch.setattr(writer_mod, "write_shard", lambda *a, **kw: written.append(a[0])
+                        or real(*a, **kw))
+    written.clear()
+    messages: list[str] = []
+    prepare(str(corpus), tok_path, str(out), num_workers=1, log=messages.append, **RESUME_ARGS)
+    assert tree(out) == expected
+    assert messages[0].startswith("resuming the preparation") and "shards done" in messages[0]
+    total = len([n for n in expected if n.endswith(".bin")])
+    assert len(written) < total  # finished shards were not written again
+
+
+def test_killed_preparation_resumes_byte_identical(
+    uninterrupted: tuple[Path, dict[str, str]], tmp_path: Path, tok_path: str
+) -> None:
+    """A real SIGKILL in the middle of writing, in another process, then a resume here."""
+    corpus, expected = uninterrupted
+    out = tmp_path / "out"
+    script = f"""
+import os, signal
+import pretrain.data.shard_writer as w
+from pretrain.data.prepare import prepare
+real, n = w.write_shard, [0]
+def write_then_die(*a, **kw):
+    n[0] += 1
+    if n[0] == 7:  # after six whole shards, mid-way through the seventh
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **kw)
+w.write_shard = write_then_die
+prepare({str(corpus)!r}, {tok_path!r}, {str(out)!r}, num_workers=2, **{RESUME_ARGS!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert not (out / "manifest.json").exists()
+    prepare(str(corpus), tok_path, str(out), num_workers=1, **RESUME_ARGS)
+    assert tree(out) == expected
+
+
+def test_finished_preparation_is_kept_and_other_inputs_start_afresh(
+    corpus: Path, tmp_path: Path, tok_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "o"
+    first = prepare(str(corpus), tok_path, str(out), shard_tokens=500)
+    messages: list[str] = []
+    assert prepare(str(corpus), tok_path, str(out), shard_tokens=500,
+                   log=messages.append) == first
+    assert "already prepared" in messages[0]
+    # an unfinished run of other inputs is not resumed: its progress is for another key
+    (out / "prepare.progress.json").write_text(json.dumps({"key": "other", "splits": {}}))
+    (out / "manifest.json").unlink()
+    assert prepare(str(corpus), tok_path, str(out), shard_tokens=500) == first
+    assert not (out / "prepare.progress.json").exists()
+    calls: list[str] = []
+    real = writer_mod.write_shard
+    monkeypatch.setattr(writer_mod, "write_shard", lambda *a, **kw: calls.append(a[0])
+                        or real(*a, **kw))
+    prepare(str(corpus), tok_path, str(out), shard_tokens=500, resume=False)
+    assert len(calls) == len(first["splits"]["train"]["shards"]) + len(
+        first["splits"]["val"]["shards"])
+
+
+def test_dedup_drops_exact_duplicates_and_counts_them(
+    tmp_path: Path, tok_path: str, docs: list[str]
+) -> None:
+    corpus = dup_corpus(tmp_path, docs)
+    kept = prepare(str(corpus), tok_path, str(tmp_path / "dedup"), val_fraction=0.2,
+                   dedup=True)
+    everything = prepare(str(corpus), tok_path, str(tmp_path / "all"), val_fraction=0.2)
+    assert kept["documents"] == {"read": 120, "duplicates": 20, "skipped": {}}
+    assert everything["documents"]["duplicates"] == 0 and not everything["dedup"]
+    n_docs = {m["dedup"]: sum(s["n_docs"] for s in m["splits"].values())
+              for m in (kept, everything)}
+    assert n_docs == {True: 100, False: 120}
+    tok = Tokenizer.load(tok_path)
+    texts = []
+    for split in ("train", "val"):
+        tokens, ends = read_split(tmp_path / "dedup", split)
+        texts += [tok.decode(d) for d in np.split(tokens, ends[:-1])]
+    assert sorted(texts) == sorted(docs[:100])  # each document once, in one split only
+
+
+def test_hash_set_finds_duplicates_within_and_across_batches() -> None:
+    seen = HashSet()
+    rng = np.random.default_rng(0)
+    reference: set[int] = set()
+    for _ in range(40):
+        batch = rng.integers(0, 3000, size=rng.integers(1, 200)).astype(np.uint64)
+        expected = []
+        for h in batch.tolist():
+            expected.append(h in reference)
+            reference.add(h)
+        np.testing.assert_array_equal(seen.add(batch), expected)
+    assert len(seen) == len(reference) and len(seen._runs) <= 12
+
+
+def test_counted_skips_are_reported_and_a_source_left_empty_is_an_error(
+    tmp_path: Path, tok_path: str
+) -> None:
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "def f(x):\\n  return x"}\n\xff\n'
+                                       b'{"text": ""}\n')
+    manifest = prepare(str(tmp_path / "c.jsonl"), tok_path, str(tmp_path / "o"))
+    assert manifest["documents"]["skipped"] == {"empty": 1, "non_utf8": 1}
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nothing.jsonl").write_bytes(b'{"text": ""}\n\xfe\xff\n')
+    for name, message in (("empty.jsonl", r"0 read, 0 duplicates, skipped: none"),
+                          ("nothing.jsonl", r"skipped: 1 empty .*1 non_utf8")):
+        out = tmp_path / name.replace(".jsonl", "")
+        with pytest.raises(DataError, match=rf"yielded no training documents .*{message}"):
+            prepare(str(tmp_path / name), tok_path, str(out), val_fraction=0.5)
+        assert [p for p in out.rglob("*") if p.is_file()] == []  # nothing half-written
+
+
+def test_duplicates_only_source_leaves_nothing_behind(tmp_path: Path, tok_path: str) -> None:
+    corpus = write_jsonl(tmp_path / "same.jsonl", ["x = 1\n"] * 5)
+    with pytest.raises(DataError, match=r"5 read, 4 duplicates"):
+        prepare(str(corpus), tok_path, str(tmp_path / "o"), dedup=True, val_fraction=0.5)
+    assert [p for p in (tmp_path / "o").rglob("*") if p.is_file()] == []
 
 
 def test_tool_prints_summary_and_one_line_errors(
