@@ -28,11 +28,22 @@ register_configs()
 ENTRY = "launch.train"
 
 
-def train_overrides(task_overrides: list[str], run_dir: str) -> list[str]:
-    """The job's overrides minus the launcher's own, plus the shared run directory."""
+def train_overrides(task_overrides: list[str], run_dir: str,
+                    group: str | None = None) -> list[str]:
+    """The job's overrides minus the launcher's own, plus what pins the child to this job.
+
+    The child is one run in the job's directory (the same for every rank). `hydra.mode=RUN`
+    keeps a sweep preset's `hydra.mode: MULTIRUN` (conf/sweep) from making each child a sweep
+    of its own, and the W&B group is passed resolved: a `${now:}` in it would otherwise resolve
+    to each child's own start time and split one sweep over many groups.
+    """
     kept = [o for o in task_overrides
             if not o.lstrip("+~").startswith(("launcher", "hydra."))]
-    return [*kept, f"hydra.run.dir={run_dir}"]
+    pinned = [f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
+    if group is not None:
+        quoted = group.replace("\\", "\\\\").replace("'", "\\'")
+        pinned.append(f"logging.group='{quoted}'")
+    return [*kept, *pinned]
 
 
 def torchrun_command(lc: LauncherConfig, args: list[str]) -> list[str]:
@@ -114,7 +125,7 @@ def hydra_main(dcfg: DictConfig) -> None:
         sys.exit(2)
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
-    args = train_overrides(list(hc.overrides.task), run_dir)
+    args = train_overrides(list(hc.overrides.task), run_dir, cfg.logging.group)
     code = launch(cfg.launcher, args, run_dir, job_name=f"pretrain-{cfg.model.name}")
     if code != 0:
         print(f"error: launched job exited with code {code} (run dir {run_dir})", file=sys.stderr)
