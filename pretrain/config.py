@@ -457,6 +457,9 @@ def _validate_pipeline(cfg: TrainConfig, check_schedule: Any) -> None:
              f"parallel.pp_virtual_stages = {n_stages} pipeline stages; lower pp or the virtual "
              "stages")
     check_schedule(p.pp_schedule, p.pp_virtual_stages)
+    _require(cfg.precision != "fp16",
+             "precision=fp16 needs a loss scaler, which the pipeline schedules (they run "
+             "backward themselves) do not apply; use precision=bf16 with parallel.pp > 1")
     n_micro = p.pp_microbatches or n_stages
     _require(cfg.micro_batch_size % n_micro == 0,
              f"micro_batch_size={cfg.micro_batch_size} is not divisible by the "

@@ -3,6 +3,13 @@
 
 The loop body calls small named functions (`train_step`, `maybe_eval`, `maybe_checkpoint`,
 `maybe_log`); optional behaviour lives in the metric sinks of `loggers.py`.
+
+Layouts (see pretrain/parallel): one process; FSDP2 / DDP / tensor parallel, applied to the
+model by `parallelize`; pipeline parallel, where the model is split into stages and a schedule
+runs forward and backward (`Run.pipe`); or a DeepSpeed engine (`Run.engine`, backend=deepspeed)
+that runs backward and the optimizer step itself. `micro_batch` and `train_step` are where the
+three differ; everything else sees `Run.model`, which under pipeline parallelism is the union of
+this rank's stages with the whole model's parameter names.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from pretrain.config import TrainConfig
 from pretrain.data.loader import ShardedWindowLoader
@@ -28,8 +36,22 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.eval.generate import generate
 from pretrain.eval.perplexity import cross_entropy, evaluate
 from pretrain.models.llama import build_model, check_initialized, count_params, flops_per_token
+from pretrain.parallel import deepspeed_backend as ds
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
-from pretrain.parallel.parallelize import parallelize
+from pretrain.parallel.parallelize import (
+    clip_grad_norm_,
+    init_model_weights,
+    parallelize,
+    set_gradient_sync,
+)
+from pretrain.parallel.pipeline import (
+    Pipeline,
+    build_pipeline,
+    evaluate_pipeline,
+    local_model,
+    pipeline_split,
+    pipeline_step,
+)
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.loggers import Sink, build_sinks
 from pretrain.train.metrics import device_peak_flops, peak_memory_gb
@@ -63,7 +85,11 @@ class Run:
     env: DistEnv
     device: torch.device
     dims: ParallelDims
+    mesh: DeviceMesh | None
     model: nn.Module
+    """This rank's whole model: what the optimizer, clipping and checkpoints see."""
+    parts: list[nn.Module]
+    """The modules that run forward: [model], or this rank's pipeline stages."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
@@ -74,6 +100,10 @@ class Run:
     grad_accum: int
     flops_per_token: float
     peak_flops: float
+    pipe: Pipeline | None = None
+    """Pipeline stages and schedule (parallel.pp > 1)."""
+    engine: Any = None
+    """The DeepSpeed engine around `model` (parallel.backend=deepspeed)."""
     counters: Counters = field(default_factory=Counters)
     sinks: list[Sink] = field(default_factory=list)
 
@@ -111,10 +141,15 @@ def total_steps_of(cfg: TrainConfig) -> int:
     return cfg.steps
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
+def dp_sum(run: Run, t: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel ranks; the TP and PP ranks of one replica hold the same value."""
+    if run.dims.dp > 1:
+        dist.all_reduce(t, group=run.mesh["dp"].get_group())
     return t
+
+
+def dp_mean(run: Run, t: torch.Tensor) -> torch.Tensor:
+    return dp_sum(run, t) / run.dims.dp if run.dims.dp > 1 else t
 
 
 def prepare_data(cfg: TrainConfig, env: DistEnv) -> tuple[str, str]:
@@ -137,19 +172,49 @@ def build_loaders(cfg: TrainConfig, data_dir: str, tokenizer: Tokenizer, dims: P
             ShardedWindowLoader(data_dir, "val", **common))
 
 
-def build_and_init_model(cfg: TrainConfig, dims: ParallelDims, mesh: Any,
-                         device: torch.device) -> nn.Module:
-    """Meta build → parallelize → materialize → explicit, layout-independent init."""
+def build_and_init_model(cfg: TrainConfig, dims: ParallelDims, mesh: DeviceMesh | None,
+                         device: torch.device) -> tuple[nn.Module, list[tuple[int, nn.Module]]]:
+    """Meta build → pipeline split → parallelize → materialize → layout-independent init.
+
+    Returns this rank's model (under pipeline parallelism the union of its stages) and its
+    (stage id, module) pairs that run forward.
+    """
     model = build_model(cfg.model, device="meta")
-    model = parallelize(model, dims, mesh, ac_mode=cfg.activation_checkpointing,
-                        compile=cfg.compile, parallel=cfg.parallel)
-    model.to_empty(device=device)
-    torch.manual_seed(cfg.seed)
-    with torch.no_grad():
-        model.init_weights(buffer_device=device)
-    check_initialized(model)
-    model.train()
-    return model
+    stages = [(0, model)]
+    if dims.pp_enabled:
+        p = cfg.parallel
+        stages = pipeline_split(model, pp_rank=mesh["pp"].get_local_rank(), pp=dims.pp,
+                                virtual_stages=p.pp_virtual_stages, schedule=p.pp_schedule)
+    # DeepSpeed shards inside its engine: without a mesh, parallelize only checkpoints/compiles.
+    layout_mesh = None if cfg.parallel.backend == "deepspeed" else mesh
+    for _, part in stages:
+        parallelize(part, dims, layout_mesh, ac_mode=cfg.activation_checkpointing,
+                    compile=cfg.compile, parallel=cfg.parallel, precision=cfg.precision)
+    parts = [part for _, part in stages]
+    init_model_weights(parts, cfg.model, cfg.seed, device)
+    for part in parts:
+        check_initialized(part)
+        part.train()
+    return (local_model(parts) if dims.pp_enabled else model), stages
+
+
+def build_engine(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 world_size: int) -> Any:
+    """The DeepSpeed engine around our model and AdamW, with the JSON config built from ours."""
+    p = cfg.parallel
+    config = ds.deepspeed_config(zero_stage=p.zero_stage, precision=cfg.precision,
+                                 global_batch_size=cfg.global_batch_size,
+                                 micro_batch_size=cfg.micro_batch_size, world_size=world_size,
+                                 grad_clip=cfg.optim.grad_clip, extra=p.deepspeed_extra)
+    return ds.initialize(model, optimizer, config)
+
+
+def build_run_pipeline(cfg: TrainConfig, stages: list[tuple[int, nn.Module]], mesh: DeviceMesh,
+                       device: torch.device, grad_accum: int) -> Pipeline:
+    p = cfg.parallel
+    return build_pipeline(stages, pp_mesh=mesh["pp"], device=device, schedule=p.pp_schedule,
+                          n_microbatches=p.pp_microbatches or p.pp * p.pp_virtual_stages,
+                          loss_fn=cross_entropy, grad_accum=grad_accum)
 
 
 def setup(cfg: TrainConfig, run_dir: Path) -> Run:
@@ -165,18 +230,24 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     tokenizer = Tokenizer.load(tok_path)
     train_loader, val_loader = build_loaders(cfg, data_dir, tokenizer, dims, dp_rank)
 
-    model = build_and_init_model(cfg, dims, mesh, device)
+    model, stages = build_and_init_model(cfg, dims, mesh, device)
     total = total_steps_of(cfg)
+    grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * dims.dp)
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_schedule(optimizer, cfg.optim, total)
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    pipe = build_run_pipeline(cfg, stages, mesh, device, grad_accum) if dims.pp_enabled else None
+    deepspeed = p.backend == "deepspeed"
+    engine = build_engine(cfg, model, optimizer, env.world_size) if deepspeed else None
+    use_scaler = cfg.precision == "fp16" and not deepspeed  # DeepSpeed scales fp16 itself
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     peak, _ = device_peak_flops(device, cfg.data.cache_dir)
     return Run(
-        cfg=cfg, run_dir=run_dir, env=env, device=device, dims=dims, model=model,
-        optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_loader=train_loader,
-        val_loader=val_loader, tokenizer=tokenizer, total_steps=total,
-        grad_accum=cfg.global_batch_size // (cfg.micro_batch_size * dims.dp),
-        flops_per_token=flops_per_token(cfg.model, cfg.seq_len), peak_flops=peak,
+        cfg=cfg, run_dir=run_dir, env=env, device=device, dims=dims, mesh=mesh, model=model,
+        parts=[part for _, part in stages], optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
+        total_steps=total, grad_accum=grad_accum,
+        flops_per_token=flops_per_token(cfg.model, cfg.seq_len), peak_flops=peak, pipe=pipe,
+        engine=engine,
     )
 
 
@@ -199,7 +270,11 @@ def maybe_resume(run: Run) -> None:
     found = ckpt.find_resumable(run.ckpt_root) if mode == "auto" else ckpt.resolve_checkpoint(mode)
     if found is None:
         return
-    state = ckpt.load_checkpoint(found, run.model, run.optimizer)
+    ds.check_checkpoint_backend(found, deepspeed=run.engine is not None)
+    if run.engine is not None:
+        state = ds.load_checkpoint(found, run.engine)
+    else:
+        state = ckpt.load_checkpoint(found, run.model, run.optimizer)
     run.counters = Counters(**state["counters"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and state.get("scaler"):
@@ -213,44 +288,80 @@ def forward_backward(run: Run, autocast: Callable[[], Any]) -> tuple[torch.Tenso
     """All micro-batches of one step; returns (mean loss, seconds waiting for data)."""
     loss_sum = torch.zeros((), device=run.device)
     data_wait = 0.0
-    for _ in range(run.grad_accum):
+    for i in range(run.grad_accum):
         t = time.perf_counter()
         inputs, targets = run.train_loader.next_batch()
         inputs = inputs.to(run.device, non_blocking=True)
         targets = targets.to(run.device, non_blocking=True)
         data_wait += time.perf_counter() - t
-        with autocast():
-            logits = run.model(inputs)
-        loss = cross_entropy(logits, targets) / run.grad_accum
-        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-        loss_sum += loss.detach()
+        loss_sum += micro_batch(run, inputs, targets, autocast, last=i == run.grad_accum - 1)
     return loss_sum, data_wait
+
+
+def micro_batch(run: Run, inputs: torch.Tensor, targets: torch.Tensor,
+                autocast: Callable[[], Any], *, last: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its mean loss / grad_accum."""
+    if run.engine is not None:  # DeepSpeed handles precision, accumulation and the step
+        return ds.micro_step(run.engine, inputs, targets, cross_entropy) / run.grad_accum
+    # Data-parallel gradients are reduced once, after the last micro-batch.
+    set_gradient_sync(run.parts, last)
+    if run.pipe is not None:  # the schedule splits the batch further and runs backward
+        with autocast():
+            loss = pipeline_step(run.pipe, inputs, targets)
+        return loss / run.grad_accum
+    with autocast():
+        logits = run.parts[0](inputs)
+    loss = cross_entropy(logits, targets) / run.grad_accum
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    return loss.detach()
 
 
 def train_step(run: Run, autocast: Callable[[], Any]) -> dict[str, float]:
     """One optimizer step: forward/backward, clip, finite check, step, schedule."""
     loss, data_wait = forward_backward(run, autocast)
+    loss = dp_mean(run, loss)
+    if run.engine is not None:
+        # The engine clipped and stepped after the last micro-batch (its fp16 loss scaler skips
+        # overflowing steps itself): a non-finite step is counted or halts, not undone.
+        grad_norm = torch.tensor(ds.grad_norm(run.engine))
+        finite = check_finite(run, loss, grad_norm)
+    else:
+        grad_norm = clip_gradients(run)
+        finite = check_finite(run, loss, grad_norm)
+        optimizer_step(run, finite)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    return {"train/loss": float(loss), "train/grad_norm": float(grad_norm), "train/lr": lr,
+            "data/wait_s": data_wait, "train/skipped": float(not finite)}
+
+
+def clip_gradients(run: Run) -> torch.Tensor:
+    """Clip to optim.grad_clip (0: no clip); returns the global norm over every shard/stage."""
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     max_norm = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
-    loss = all_reduce_sum(loss) / run.dims.dp if run.dims.dp > 1 else loss
+    pp_mesh = run.mesh["pp"] if run.dims.pp_enabled else None
+    return clip_grad_norm_(run.model.parameters(), max_norm, pp_mesh=pp_mesh)
+
+
+def check_finite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
     finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if finite:
+        run.counters.skipped_in_row = 0
+    else:
+        handle_nonfinite(run, float(loss))
+    return finite
+
+
+def optimizer_step(run: Run, finite: bool) -> None:
     if finite:
         if run.scaler is not None:
             run.scaler.step(run.optimizer)
         else:
             run.optimizer.step()
-        run.counters.skipped_in_row = 0
-    else:
-        handle_nonfinite(run, float(loss))
     if run.scaler is not None:
         run.scaler.update()
-    lr = run.scheduler.get_last_lr()[0]
     run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    return {"train/loss": float(loss), "train/grad_norm": float(grad_norm), "train/lr": lr,
-            "data/wait_s": data_wait, "train/skipped": float(not finite)}
 
 
 def handle_nonfinite(run: Run, loss: float) -> None:
@@ -267,9 +378,13 @@ def handle_nonfinite(run: Run, loss: float) -> None:
 
 
 def run_eval(run: Run, autocast: Callable[[], Any]) -> dict[str, float]:
-    metrics = evaluate(run.model, run.val_loader.eval_batches(run.cfg.eval_batches),
-                       device=run.device, autocast=autocast,
-                       all_reduce=all_reduce_sum if run.dims.dp > 1 else (lambda t: t))
+    batches = run.val_loader.eval_batches(run.cfg.eval_batches)
+    common = dict(device=run.device, autocast=autocast, all_reduce=lambda t: dp_sum(run, t))
+    if run.pipe is not None:
+        metrics = evaluate_pipeline(run.pipe, batches, **common)
+    else:
+        model = run.engine if run.engine is not None else run.parts[0]
+        metrics = evaluate(model, batches, **common)
     run.counters.last_val_loss = metrics["val/loss"]
     run.counters.best_val_loss = min(run.counters.best_val_loss, metrics["val/loss"])
     return metrics
@@ -285,7 +400,12 @@ def maybe_eval(run: Run, autocast: Callable[[], Any], *, force: bool = False) ->
 
 def maybe_checkpoint(run: Run, *, force: bool = False) -> None:
     every = run.cfg.ckpt_every
-    if force or (every > 0 and run.counters.step % every == 0):
+    if not (force or (every > 0 and run.counters.step % every == 0)):
+        return
+    if run.engine is not None:
+        ds.save_checkpoint(run.ckpt_root, run.counters.step, run.engine, trainer_state(run),
+                           keep=run.cfg.ckpt_keep)
+    else:
         ckpt.save_checkpoint(run.ckpt_root, run.counters.step, run.model, run.optimizer,
                              trainer_state(run), keep=run.cfg.ckpt_keep)
 
@@ -341,7 +461,8 @@ def train_loop(run: Run, autocast: Callable[[], Any]) -> str:
 
 
 def samples(run: Run) -> list[dict[str, str]]:
-    """A few greedy-ish continuations, on rank 0 of a single-process layout."""
+    """A few sampled continuations, on a single-process layout only (generation runs the plain
+    model; a sharded or pipelined one would need every rank in lockstep)."""
     if run.env.world_size > 1 or not run.cfg.sample_prompts:
         return []
     out = []
