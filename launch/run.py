@@ -61,7 +61,9 @@ def torchrun_command(lc: LauncherConfig, args: list[str]) -> list[str]:
 
 
 def deepspeed_command(lc: LauncherConfig, args: list[str]) -> list[str]:
-    cmd = ["deepspeed", f"--master_port={lc.master_port}"]
+    # --no_local_rank: ranks read LOCAL_RANK from the environment; a --local_rank argument
+    # would reach the Hydra app as an unknown override.
+    cmd = ["deepspeed", "--no_local_rank", f"--master_port={lc.master_port}"]
     if lc.hostfile:
         cmd.append(f"--hostfile={lc.hostfile}")
     else:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.data.loader import Batch
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss in fp32; logits (B, T, V), targets (B, T)."""
@@ -19,7 +21,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[Batch],
     *,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
@@ -29,10 +31,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast():
-            logits = model(inputs)
+    for batch in batches:
+        batch = batch.to(device)
+        inputs, targets = batch
+        with autocast():  # the same document masking as in training, when it is on
+            logits = model(inputs, **batch.model_kwargs())
         total[0] += cross_entropy(logits, targets).double() * targets.numel()
         total[1] += targets.numel()
     total = all_reduce(total)

@@ -50,6 +50,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
+# Optimizer state keyed by parameter name, not by group index: pipeline stages each own groups
+# of their own, which index-keyed groups would overwrite.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 class ModelOptimState(Stateful):
     """Model + optimizer as one DCP-stateful object (FQN keys, layout independent)."""
 
@@ -60,7 +65,7 @@ class ModelOptimState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model)}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -70,6 +75,7 @@ class ModelOptimState(Stateful):
             optims,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict.get("optim", {}),
+            options=_OPTIONS,
         )
 
 

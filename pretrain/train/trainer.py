@@ -18,6 +18,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,8 +32,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from pretrain.config import TrainConfig
-from pretrain.data.loader import ShardedWindowLoader
-from pretrain.data.prepare import ensure_prepared
+from pretrain.data.build import PreparedData, build_loader, ensure_data
+from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.eval.generate import generate
 from pretrain.eval.perplexity import cross_entropy, evaluate
@@ -53,6 +55,7 @@ from pretrain.parallel.pipeline import (
     pipeline_step,
 )
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
 from pretrain.train.loggers import Sink, build_sinks
 from pretrain.train.metrics import device_peak_flops, peak_memory_gb
 from pretrain.train.optim import build_optimizer, build_schedule
@@ -60,6 +63,14 @@ from pretrain.train.optim import build_optimizer, build_schedule
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient norm and the policy says halt."""
+
+
+class Rollback(Exception):
+    """A loss spike under spike_policy=rollback: reload the last checkpoint, skip this step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"loss spike at step {step}")
+        self.step = step
 
 
 @dataclass
@@ -74,6 +85,9 @@ class Counters:
     last_val_loss: float = math.nan
     last_train_loss: float = math.nan
     wandb_id: str | None = None
+    rollbacks: int = 0
+    skip_steps: list[int] = field(default_factory=list)
+    """Steps whose batch is consumed without an update (spikes rolled back)."""
 
 
 @dataclass
@@ -106,6 +120,12 @@ class Run:
     """The DeepSpeed engine around `model` (parallel.backend=deepspeed)."""
     counters: Counters = field(default_factory=Counters)
     sinks: list[Sink] = field(default_factory=list)
+    checkpointer: ckpt.Checkpointer | None = None
+    spike: SpikeDetector = field(default_factory=SpikeDetector)
+    preempt: PreemptionHandler = field(default_factory=PreemptionHandler)
+    start_step: int = 0
+    """The step this process started (or resumed) at: injected faults fire on a first attempt."""
+    last_ckpt_time: float = field(default_factory=time.time)
 
     @property
     def ckpt_root(self) -> Path:
@@ -152,24 +172,24 @@ def dp_mean(run: Run, t: torch.Tensor) -> torch.Tensor:
     return dp_sum(run, t) / run.dims.dp if run.dims.dp > 1 else t
 
 
-def prepare_data(cfg: TrainConfig, env: DistEnv) -> tuple[str, str]:
+def prepare_data(cfg: TrainConfig, env: DistEnv) -> PreparedData:
     """Rank 0 trains the tokenizer / prepares shards if needed; the others then find the cache."""
     if env.is_main:
-        paths = ensure_prepared(cfg.data, vocab_size=cfg.model.vocab_size)
+        data = ensure_data(cfg.data, vocab_size=cfg.model.vocab_size)
     if dist.is_initialized():
         dist.barrier()
     if not env.is_main:
-        paths = ensure_prepared(cfg.data, vocab_size=cfg.model.vocab_size)
-    return paths
+        data = ensure_data(cfg.data, vocab_size=cfg.model.vocab_size)
+    return data
 
 
-def build_loaders(cfg: TrainConfig, data_dir: str, tokenizer: Tokenizer, dims: ParallelDims,
+def build_loaders(cfg: TrainConfig, data: PreparedData, dims: ParallelDims,
                   dp_rank: int) -> tuple[ShardedWindowLoader, ShardedWindowLoader]:
     common = dict(seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
                   dp_rank=dp_rank, dp_size=dims.dp, seed=cfg.seed,
-                  vocab_size=cfg.model.vocab_size, tokenizer_fingerprint=tokenizer.fingerprint)
-    return (ShardedWindowLoader(data_dir, "train", **common),
-            ShardedWindowLoader(data_dir, "val", **common))
+                  vocab_size=cfg.model.vocab_size)
+    return (build_loader(cfg.data, data, "train", **common),
+            build_loader(cfg.data, data, "val", **common))
 
 
 def build_and_init_model(cfg: TrainConfig, dims: ParallelDims, mesh: DeviceMesh | None,
@@ -226,9 +246,9 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     mesh = dims.build_mesh(device.type)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
 
-    data_dir, tok_path = prepare_data(cfg, env)
-    tokenizer = Tokenizer.load(tok_path)
-    train_loader, val_loader = build_loaders(cfg, data_dir, tokenizer, dims, dp_rank)
+    data = prepare_data(cfg, env)
+    tokenizer = Tokenizer.load(data.tokenizer_path)
+    train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank)
 
     model, stages = build_and_init_model(cfg, dims, mesh, device)
     total = total_steps_of(cfg)
@@ -248,6 +268,9 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         total_steps=total, grad_accum=grad_accum,
         flops_per_token=flops_per_token(cfg.model, cfg.seq_len), peak_flops=peak, pipe=pipe,
         engine=engine,
+        checkpointer=ckpt.Checkpointer(run_dir / "checkpoints", keep=cfg.ckpt_keep,
+                                       async_save=cfg.ckpt_async),
+        spike=SpikeDetector(window=cfg.spike_window, threshold=cfg.spike_threshold),
     )
 
 
@@ -257,6 +280,7 @@ def trainer_state(run: Run) -> dict[str, Any]:
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "train_loader": run.train_loader.state_dict(),
+        "spike": run.spike.state_dict(),
         "tokenizer_path": run.tokenizer.path,
         "config": dataclasses.asdict(run.cfg),
     }
@@ -270,6 +294,16 @@ def maybe_resume(run: Run) -> None:
     found = ckpt.find_resumable(run.ckpt_root) if mode == "auto" else ckpt.resolve_checkpoint(mode)
     if found is None:
         return
+    load_state(run, found)
+    run.start_step = run.counters.step
+    if run.env.is_main:
+        print(f"resumed from {found} at step {run.counters.step}", flush=True)
+        for note in getattr(run.train_loader, "notes", []):
+            print(f"data: {note}", flush=True)
+
+
+def load_state(run: Run, found: Path) -> None:
+    """Every stateful piece from checkpoint `found`."""
     ds.check_checkpoint_backend(found, deepspeed=run.engine is not None)
     if run.engine is not None:
         state = ds.load_checkpoint(found, run.engine)
@@ -280,8 +314,8 @@ def maybe_resume(run: Run) -> None:
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.train_loader.load_state_dict(state["train_loader"])
-    if run.env.is_main:
-        print(f"resumed from {found} at step {run.counters.step}", flush=True)
+    if state.get("spike"):
+        run.spike.load_state_dict(state["spike"])
 
 
 def forward_backward(run: Run, autocast: Callable[[], Any]) -> tuple[torch.Tensor, float]:
@@ -290,17 +324,16 @@ def forward_backward(run: Run, autocast: Callable[[], Any]) -> tuple[torch.Tenso
     data_wait = 0.0
     for i in range(run.grad_accum):
         t = time.perf_counter()
-        inputs, targets = run.train_loader.next_batch()
-        inputs = inputs.to(run.device, non_blocking=True)
-        targets = targets.to(run.device, non_blocking=True)
+        batch = run.train_loader.next_batch().to(run.device, non_blocking=True)
         data_wait += time.perf_counter() - t
-        loss_sum += micro_batch(run, inputs, targets, autocast, last=i == run.grad_accum - 1)
+        loss_sum += micro_batch(run, batch, autocast, last=i == run.grad_accum - 1)
     return loss_sum, data_wait
 
 
-def micro_batch(run: Run, inputs: torch.Tensor, targets: torch.Tensor,
-                autocast: Callable[[], Any], *, last: bool) -> torch.Tensor:
+def micro_batch(run: Run, batch: Batch, autocast: Callable[[], Any], *,
+                last: bool) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its mean loss / grad_accum."""
+    inputs, targets = batch
     if run.engine is not None:  # DeepSpeed handles precision, accumulation and the step
         return ds.micro_step(run.engine, inputs, targets, cross_entropy) / run.grad_accum
     # Data-parallel gradients are reduced once, after the last micro-batch.
@@ -310,16 +343,24 @@ def micro_batch(run: Run, inputs: torch.Tensor, targets: torch.Tensor,
             loss = pipeline_step(run.pipe, inputs, targets)
         return loss / run.grad_accum
     with autocast():
-        logits = run.parts[0](inputs)
+        logits = run.parts[0](inputs, **batch.model_kwargs())
     loss = cross_entropy(logits, targets) / run.grad_accum
     (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
     return loss.detach()
 
 
 def train_step(run: Run, autocast: Callable[[], Any]) -> dict[str, float]:
-    """One optimizer step: forward/backward, clip, finite check, step, schedule."""
+    """One optimizer step: forward/backward, clip, finite and spike checks, step, schedule."""
+    step = run.counters.step + 1
+    if step in run.counters.skip_steps:
+        return skip_batch(run)
     loss, data_wait = forward_backward(run, autocast)
+    loss = inject_loss_faults(run, step, loss)
     loss = dp_mean(run, loss)
+    verdict = spike_verdict(run, step, float(loss))
+    if verdict == "rollback":
+        run.optimizer.zero_grad(set_to_none=True)
+        raise Rollback(step)
     if run.engine is not None:
         # The engine clipped and stepped after the last micro-batch (its fp16 loss scaler skips
         # overflowing steps itself): a non-finite step is counted or halts, not undone.
@@ -328,11 +369,67 @@ def train_step(run: Run, autocast: Callable[[], Any]) -> dict[str, float]:
     else:
         grad_norm = clip_gradients(run)
         finite = check_finite(run, loss, grad_norm)
-        optimizer_step(run, finite)
+        optimizer_step(run, finite and verdict != "skip")
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     return {"train/loss": float(loss), "train/grad_norm": float(grad_norm), "train/lr": lr,
-            "data/wait_s": data_wait, "train/skipped": float(not finite)}
+            "data/wait_s": data_wait, "train/skipped": float(not finite or verdict == "skip")}
+
+
+def skip_batch(run: Run) -> dict[str, float]:
+    """Consume this step's batches without an update (the batch that caused a rolled-back
+    spike), so the data order after it is the one an uninterrupted run would see."""
+    for _ in range(run.grad_accum):
+        run.train_loader.next_batch()
+    run.counters.skipped_total += 1
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    return {"train/loss": math.nan, "train/grad_norm": math.nan, "train/lr": lr,
+            "data/wait_s": 0.0, "train/skipped": 1.0}
+
+
+def inject_loss_faults(run: Run, step: int, loss: torch.Tensor) -> torch.Tensor:
+    """faults.nan_at_step / spike_at_step (tests of the guards): a NaN loss and gradients on
+    one rank, or a loss 20× too high."""
+    f = run.cfg.faults
+    if f.nan_at_step == step and run.env.rank == f.nan_rank:
+        for p in run.model.parameters():
+            if p.grad is not None:
+                p.grad.fill_(math.nan)
+        return loss * math.nan
+    if f.spike_at_step == step:
+        return loss * 20.0
+    return loss
+
+
+def spike_verdict(run: Run, step: int, loss: float) -> str:
+    """'ok', 'skip' or 'rollback' for this step's (globally averaged) loss."""
+    policy = run.cfg.spike_policy
+    if policy == "none" or not math.isfinite(loss) or not run.spike.update(loss):
+        return "ok"
+    if run.env.is_main:
+        mean = sum(run.spike.history) / len(run.spike.history)
+        print(f"warning: loss spike at step {step}: {loss:.4f} vs recent mean {mean:.4f} "
+              f"(policy {policy})", flush=True)
+    if policy == "skip":
+        run.counters.skipped_total += 1
+    return policy if policy in ("skip", "rollback") else "ok"
+
+
+def rollback(run: Run, step: int) -> None:
+    """Reload the newest good checkpoint and mark `step`'s batch to be skipped on replay."""
+    run.checkpointer.wait()
+    found = ckpt.find_resumable(run.ckpt_root)
+    if found is None:
+        raise NonFiniteError(f"loss spike at step {step} and no checkpoint to roll back to; "
+                             "set ckpt_every (or use spike_policy=skip)")
+    skip_steps = sorted({*run.counters.skip_steps, step})
+    rollbacks = run.counters.rollbacks + 1
+    load_state(run, found)
+    run.counters.skip_steps, run.counters.rollbacks = skip_steps, rollbacks
+    if run.env.is_main:
+        print(f"rolled back to {found.name} after a loss spike at step {step}; its batch will "
+              "be skipped", flush=True)
 
 
 def clip_gradients(run: Run) -> torch.Tensor:
@@ -345,7 +442,12 @@ def clip_gradients(run: Run) -> torch.Tensor:
 
 
 def check_finite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    """True only if loss and gradient norm are finite on every rank: one rank's NaN stops the
+    update everywhere, so replicas never diverge."""
+    ok = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float().reshape(1).cpu()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    finite = bool(ok.item())
     if finite:
         run.counters.skipped_in_row = 0
     else:
@@ -398,16 +500,23 @@ def maybe_eval(run: Run, autocast: Callable[[], Any], *, force: bool = False) ->
             s.on_eval(run.counters.step, metrics)
 
 
-def maybe_checkpoint(run: Run, *, force: bool = False) -> None:
+def maybe_checkpoint(run: Run, *, force: bool = False, due: bool = False) -> None:
+    """Every `ckpt_every` steps, when `due` (the wall-time interval), or when forced."""
     every = run.cfg.ckpt_every
-    if not (force or (every > 0 and run.counters.step % every == 0)):
+    if not (force or due or (every > 0 and run.counters.step % every == 0)):
         return
+    step = run.counters.step
+    run.last_ckpt_time = time.time()
     if run.engine is not None:
-        ds.save_checkpoint(run.ckpt_root, run.counters.step, run.engine, trainer_state(run),
+        ds.save_checkpoint(run.ckpt_root, step, run.engine, trainer_state(run),
                            keep=run.cfg.ckpt_keep)
+    elif run.cfg.faults.crash_in_checkpoint_at_step == step and first_attempt(run):
+        tmp, _ = ckpt._begin(run.ckpt_root, step, trainer_state(run))
+        ckpt.dcp.save({"app": ckpt.ModelOptimState(run.model, run.optimizer)},
+                      checkpoint_id=str(tmp))
+        os._exit(1)  # the data is written but never finalized: a crash mid-checkpoint
     else:
-        ckpt.save_checkpoint(run.ckpt_root, run.counters.step, run.model, run.optimizer,
-                             trainer_state(run), keep=run.cfg.ckpt_keep)
+        run.checkpointer.save(step, run.model, run.optimizer, trainer_state(run))
 
 
 def maybe_log(run: Run, metrics: dict[str, float], step_time: float, tokens: int) -> None:
@@ -423,26 +532,57 @@ def maybe_log(run: Run, metrics: dict[str, float], step_time: float, tokens: int
         "perf/mfu": tps * run.flops_per_token / (run.peak_flops * run.env.world_size),
         "perf/step_time_s": step_time,
         "perf/memory_gb": peak_memory_gb(run.device),
+        **run.train_loader.metrics(),
     }
     for s in run.sinks:
         s.on_step(step, metrics)
 
 
-def time_is_up(cfg: TrainConfig, start: float) -> bool:
-    """Every rank must agree, so rank 0's clock decides."""
-    up = torch.tensor(float(cfg.time_limit_s > 0 and time.time() - start > cfg.time_limit_s))
+def first_attempt(run: Run) -> bool:
+    """Injected crashes fire only on a run's first attempt (not after a resume or restart)."""
+    return run.start_step == 0 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+
+def step_flags(run: Run, start: float) -> tuple[bool, bool, bool]:
+    """(preempted, time limit reached, wall-time checkpoint due), agreed by every rank in one
+    collective: a signal on any rank counts; the clocks are rank 0's."""
+    cfg = run.cfg
+    now = time.time()
+    clocks = run.env.is_main
+    flags = torch.tensor([
+        float(run.preempt.requested),
+        float(clocks and cfg.time_limit_s > 0 and now - start > cfg.time_limit_s),
+        float(clocks and cfg.ckpt_every_s > 0 and now - run.last_ckpt_time > cfg.ckpt_every_s),
+    ])
     if dist.is_initialized():
-        dist.broadcast(up, src=0)
-    return bool(up)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1]), bool(flags[2])
+
+
+def inject_process_faults(run: Run) -> None:
+    """faults.crash_at_step (a hard exit, like kill -9) and faults.signal_at_step (SIGTERM)."""
+    f, step = run.cfg.faults, run.counters.step
+    if f.crash_at_step == step and run.env.rank == f.crash_rank and first_attempt(run):
+        os._exit(1)
+    if f.signal_at_step == step and run.start_step < step:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def train_loop(run: Run, autocast: Callable[[], Any]) -> str:
     """Steps until the budget or the time limit; returns the final status."""
     start = time.time()
     recent_tokens, recent_time = 0, 0.0
+    watchdog = StepWatchdog(run.cfg.parallel.timeout_s)
     while run.counters.step < run.total_steps:
         t = time.perf_counter()
-        metrics = train_step(run, autocast)
+        watchdog.arm()
+        try:
+            metrics = train_step(run, autocast)
+        except Rollback as spike:
+            watchdog.disarm()
+            rollback(run, spike.step)
+            continue
+        watchdog.disarm()
         run.counters.last_train_loss = metrics["train/loss"]
         run.counters.step += 1
         run.counters.tokens += run.tokens_per_step
@@ -452,11 +592,16 @@ def train_loop(run: Run, autocast: Callable[[], Any]) -> str:
                 1, run.total_steps):
             maybe_log(run, metrics, recent_time, recent_tokens)
             recent_tokens, recent_time = 0, 0.0
+            run.checkpointer.poll()
+        inject_process_faults(run)
+        preempted, time_up, ckpt_due = step_flags(run, start)
+        if preempted:
+            return "preempted"
+        if time_up:
+            return "time_limit"
         if run.counters.step < run.total_steps:
             maybe_eval(run, autocast)
-            maybe_checkpoint(run)
-        if time_is_up(run.cfg, start):
-            return "time_limit"
+            maybe_checkpoint(run, due=ckpt_due)
     return "completed"
 
 
@@ -494,6 +639,7 @@ def build_summary(run: Run, status: str, wall_time: float) -> dict[str, Any]:
         "wall_time_s": wall_time,
         "tokens_per_sec": run.counters.tokens / max(wall_time, 1e-9),
         "skipped_steps": run.counters.skipped_total,
+        "rollbacks": run.counters.rollbacks,
         "world_size": run.env.world_size,
         "status": status,
         "sweep": run.cfg.tags or None,
@@ -520,12 +666,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                                     wandb_id=run.counters.wandb_id)
             run.counters.wandb_id = getattr(getattr(run.sinks[-1], "run", None), "id", None)
             announce(run)
+        run.preempt.install()
         status = train_loop(run, autocast)
-        maybe_eval(run, autocast, force=True)
+        if status != "preempted":  # a preempted job has seconds left: checkpoint only
+            maybe_eval(run, autocast, force=True)
         maybe_checkpoint(run, force=True)
+        run.checkpointer.wait()
         summary = build_summary(run, status, time.time() - t0)
         if run.env.is_main:
-            summary["samples"] = samples(run)
+            summary["samples"] = samples(run) if status != "preempted" else []
             for s in summary["samples"]:
                 run.sinks[0].on_text(f"--- sample {s['prompt']!r}\n{s['prompt']}{s['completion']}")
             write_json(run_dir / "summary.json", summary)
@@ -533,6 +682,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                 s.on_end(summary)
         return summary
     finally:
+        run.preempt.uninstall()
         destroy_distributed()
 
 

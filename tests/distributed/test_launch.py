@@ -80,10 +80,6 @@ def test_torchrun_pipeline(pipeline_run: Path, one_process: dict[int, float]) ->
     assert_same_losses(pipeline_run, one_process)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "resuming a pipeline checkpoint needs StateDictOptions(flatten_optimizer_state_dict=True) "
-    "in pretrain/train/checkpoint.py: with list-indexed param_groups DCP de-duplicates the "
-    "stages' groups and rank 0 loses its lr/betas"))
 def test_torchrun_pipeline_resume(cache_dir: Path, out: Path, pipeline_run: Path) -> None:
     resume_from_step_3(cache_dir, out, pipeline_run, "parallel=pp")
 
