@@ -95,3 +95,16 @@ def test_prune_never_deletes_latest(tmp_path: Path) -> None:
     ckpt.prune(tmp_path, 1)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001",
                                                                    "step_00000002"]
+
+
+def test_checkpoint_benchmark_tool(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from tools.bench_checkpoint import main
+
+    assert main(["debug", "--repeats", "1", "--out", str(tmp_path / "scratch"),
+                 "--json", str(tmp_path / "rows.json")]) == 0
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["preset"] == "debug" and row["size_mb"] > 0
+    assert 0 < row["save_async_return_s"] <= row["save_async_final_s"]
+    assert "debug" in capsys.readouterr().out
