@@ -19,9 +19,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pretrain.config import ConfigError, LauncherConfig, TrainConfig, register_configs, validate
+from launch.common import checked_config
+from pretrain.config import ConfigError, LauncherConfig, register_configs
 
 register_configs()
 
@@ -119,12 +120,10 @@ def launch(lc: LauncherConfig, args: list[str], run_dir: str, job_name: str) -> 
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def hydra_main(dcfg: DictConfig) -> None:
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    lc = dcfg.launcher
+    # The layout is checked against the world the launched job will have, not this process.
+    world = 1 if lc.kind == "local" else lc.nnodes * lc.nproc_per_node
+    cfg = checked_config(dcfg, world_size=world)
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     args = train_overrides(list(hc.overrides.task), run_dir, cfg.logging.group)

@@ -8,30 +8,21 @@ directory, `${output_root}/${run_name}`, the same on every rank when run_name is
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.config import ConfigError, TrainConfig, register_configs, validate
+from launch.common import checked_config, fail
+from pretrain.config import register_configs
 
 register_configs()
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def hydra_main(dcfg: DictConfig) -> float:
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        _fail(str(e))
+    cfg = checked_config(dcfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if int(os.environ.get("RANK", 0)) == 0:
         OmegaConf.save(dcfg, run_dir / "config.yaml", resolve=True)
@@ -43,7 +34,7 @@ def hydra_main(dcfg: DictConfig) -> float:
     try:
         summary = train(cfg, run_dir)
     except (DataError, CheckpointError) as e:
-        _fail(str(e))
+        fail(str(e))
     return float(summary["best_val_loss"])
 
 
