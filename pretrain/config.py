@@ -143,7 +143,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     implementation: str = "auto"
-    """'fused', 'foreach', 'for-loop', or 'auto' (fused on GPU, foreach elsewhere)."""
+    """'fused', 'foreach', 'for-loop', or 'auto' (fused on CPU and GPU, else foreach)."""
 
 
 @dataclass

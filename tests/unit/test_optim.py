@@ -36,4 +36,4 @@ def test_decay_applies_to_matrices_only() -> None:
     assert decay["params"] == [model["lin"].weight]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
     opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
-    assert opt.defaults["foreach"] is True
+    assert opt.defaults["fused"] is True

@@ -1,0 +1,1 @@
+"""Performance: the benchmark behind `pretrain-bench` and the memory-efficient output loss."""

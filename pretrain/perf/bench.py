@@ -1,0 +1,618 @@
+"""The training-step benchmark behind `pretrain-bench`.
+
+Each row trains one configuration for a few steps on synthetic tokens: the same shapes, weights
+(one seed), batches, precision and AdamW settings in every row. Rows are cumulative: `plain` is
+our model with every optimization off, and each following row adds one (its `parent` is the row
+it extends), so the table shows what each buys; `hf` is `transformers.LlamaForCausalLM` with
+the identical config, trained with a plain loop.
+
+How a row is measured
+- Time: `warmup` steps (compilation included) are excluded, then `steps` timed steps; the
+  median is reported. A step is: take a batch (data), forward + loss + backward, clip + AdamW +
+  zero_grad (optimizer). On CUDA the parts come from events read after the step, so measuring
+  adds no host sync inside it. On CPU the rows are interleaved (one step of each row per round)
+  so that load from other processes hits every row alike.
+- MFU: tokens/s x `flops_per_token` (6 N_matmul + 12 L d T, see `pretrain.models.llama`) over the
+  device's bf16 peak: the data-sheet figure on GPU, the measured bf16 matmul rate on CPU (the
+  best of samples taken before the rows, after every round of steps and at the end).
+- Peak memory of a step: on CUDA `max_memory_allocated`. On CPU the allocations the step makes
+  are recorded by the profiler (`profile_memory`): every tensor allocation and free through
+  PyTorch's CPU allocator, compiled kernels' buffers included. Their running sum, at its
+  highest, plus the bytes resident before the step (parameters, buffers, optimizer state) is
+  the step's peak: the CPU analogue of `max_memory_allocated`. It is taken from one extra,
+  untimed step.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+from pretrain.config import ModelConfig, OptimConfig, validate_model
+from pretrain.eval.perplexity import cross_entropy
+from pretrain.models.llama import build_model, count_params, flops_per_token
+from pretrain.parallel.dims import ParallelDims
+from pretrain.parallel.parallelize import parallelize
+from pretrain.perf.loss import linear_cross_entropy
+from pretrain.train.metrics import GPU_BF16_PEAK, gpu_peak_flops, measure_cpu_bf16_flops
+from pretrain.train.optim import build_optimizer
+
+__all__ = [
+    "DEFAULT_ROWS",
+    "ROWS",
+    "BenchSettings",
+    "RowResult",
+    "RowSpec",
+    "format_table",
+    "run_bench",
+]
+
+_MIB = 2**20
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What one benchmark row trains."""
+
+    impl: str
+    """'ours' (pretrain's Transformer) or 'hf' (transformers.LlamaForCausalLM)."""
+    optimizer: str
+    """AdamW implementation: 'for-loop', 'foreach' or 'fused'."""
+    loss: str = "plain"
+    """'plain' (full logits, fp32 cross-entropy) or 'chunked' (`linear_cross_entropy`)."""
+    compile: bool = False
+    """torch.compile every block (through `parallelize`)."""
+    ac: str = "none"
+    """Activation checkpointing: 'none', 'selective' or 'full'."""
+    parent: str | None = None
+    """The row this one adds one option to (for the 'vs parent' column)."""
+    what: str = ""
+    """One line for the table."""
+
+
+ROWS: dict[str, RowSpec] = {
+    "hf": RowSpec("hf", "fused", what="transformers LlamaForCausalLM, plain loop, fused AdamW"),
+    "plain": RowSpec("ours", "for-loop", what="ours, every optimization off"),
+    "+foreach-adamw": RowSpec("ours", "foreach", parent="plain", what="+ foreach AdamW"),
+    "+fused-adamw": RowSpec("ours", "fused", parent="plain", what="+ fused AdamW"),
+    "+chunked-ce": RowSpec("ours", "fused", "chunked", parent="+fused-adamw",
+                           what="+ chunked cross-entropy (no full logits): best eager"),
+    "+compile": RowSpec("ours", "fused", "chunked", True, parent="+chunked-ce",
+                        what="+ torch.compile of blocks and loss chunks: all on"),
+    "+compile+ac-selective": RowSpec("ours", "fused", "chunked", True, "selective",
+                                     parent="+compile", what="+ selective checkpointing"),
+    "+compile+ac-full": RowSpec("ours", "fused", "chunked", True, "full", parent="+compile",
+                                what="+ full checkpointing"),
+}
+DEFAULT_ROWS = ("hf", "plain", "+fused-adamw", "+chunked-ce", "+compile",
+                "+compile+ac-selective", "+compile+ac-full")
+
+_SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+@dataclass
+class BenchSettings:
+    """One benchmark run: a model shape, a batch, a precision, the rows to compare."""
+
+    model: ModelConfig
+    seq_len: int = 512
+    batch_size: int = 8
+    precision: str = "bf16"
+    """'bf16' (autocast, fp32 master weights) or 'fp32'."""
+    rows: tuple[str, ...] = DEFAULT_ROWS
+    warmup: int = 2
+    """Untimed steps first (they include compilation)."""
+    steps: int = 5
+    """Timed steps per row; the median is reported."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu' or 'cuda'."""
+    sdpa: str = "auto"
+    """Attention kernel: 'auto' (PyTorch picks) or one of flash, efficient, cudnn, math."""
+    memory: bool = True
+    """Measure each row's peak memory (one extra, untimed step)."""
+    interleave: bool | None = None
+    """Alternate rows step by step; None: on CPU only (a GPU then holds one row at a time)."""
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule="constant"))
+
+
+@dataclass
+class RowResult:
+    """The measurements of one row; times in seconds, memory in MiB."""
+
+    row: str
+    what: str
+    spec: dict[str, Any]
+    step_s: float
+    """Median step time (what tokens/s and MFU use)."""
+    best_step_s: float
+    """Fastest step: on a shared machine, the closest to the step's own cost."""
+    data_s: float
+    fwd_bwd_s: float
+    optim_s: float
+    tokens_per_s: float
+    mfu: float
+    warmup_s: float
+    final_loss: float
+    peak_mem_mib: float | None = None
+    static_mem_mib: float | None = None
+    step_times: list[float] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------- settings
+
+
+def check_settings(s: BenchSettings) -> None:
+    """Fail before any work with a message naming the bad setting."""
+    validate_model(s.model)
+    unknown = [r for r in s.rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if s.precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision={s.precision!r}; the benchmark runs bf16 or fp32")
+    if s.sdpa != "auto" and s.sdpa not in _SDPA_BACKENDS:
+        raise ValueError(f"sdpa={s.sdpa!r}; use auto or one of {', '.join(_SDPA_BACKENDS)}")
+    if min(s.seq_len, s.batch_size, s.steps) < 1 or s.warmup < 0:
+        raise ValueError("seq_len, batch_size and steps must be >= 1, warmup >= 0")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def model_for(s: BenchSettings) -> ModelConfig:
+    """The preset, with the rotary table stretched when seq_len exceeds its max_seq_len."""
+    return replace(s.model, max_seq_len=max(s.model.max_seq_len, s.seq_len))
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    if precision == "fp32":
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def sdpa_context(name: str) -> AbstractContextManager:
+    """Restrict attention to one SDPA kernel (an error, not a silent fallback, if it cannot
+    run); 'auto' leaves the choice to PyTorch."""
+    return nullcontext() if name == "auto" else sdpa_kernel([_SDPA_BACKENDS[name]])
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """(bf16 FLOP/s, its source) for MFU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name)
+        if peak is None:
+            return GPU_BF16_PEAK["H100"], f"{name}: not in the table, H100 peak assumed"
+        return peak, f"{name} data sheet"
+    return measure_cpu_bf16_flops(), "measured CPU bf16 matmul rate"
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+def build_ours(spec: RowSpec, cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
+    """The training path: meta device, `parallelize` (AC, compile), materialize, init."""
+    model = build_model(cfg, device="meta")
+    model = parallelize(model, ParallelDims(1, 1, 1, 1, 1), None, ac_mode=spec.ac,
+                        compile=spec.compile)
+    model.to_empty(device=device)
+    model.init_weights(buffer_device=device, seed=seed)
+    return model
+
+
+def build_hf(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
+    """LlamaForCausalLM of the same config, holding the very weights our rows start from."""
+    from transformers import LlamaForCausalLM
+
+    from pretrain.interop.hf import to_hf_config, to_hf_state_dict
+
+    reference = build_model(cfg, device="meta")
+    reference.to_empty(device="cpu")
+    reference.init_weights(buffer_device=torch.device("cpu"), seed=seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(to_hf_config(cfg))
+    model.load_state_dict(to_hf_state_dict(reference.state_dict(), cfg))
+    return model
+
+
+def build_adamw(model: nn.Module, spec: RowSpec, optim: OptimConfig,
+                device: torch.device) -> torch.optim.Optimizer:
+    """Our `build_optimizer`; for HF the same groups (matrices decayed, embeddings and norms
+    not), keyed by HF's parameter names."""
+    cfg = replace(optim, implementation=spec.optimizer)
+    if spec.impl == "ours":
+        return build_optimizer(model, cfg, device)
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in named if p.ndim < 2 or "embed_tokens" in n]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=spec.optimizer == "fused", foreach=spec.optimizer == "foreach")
+
+
+def compute_loss(model: nn.Module, spec: RowSpec, inputs: Tensor, targets: Tensor) -> Tensor:
+    if spec.impl == "hf":
+        return cross_entropy(model(input_ids=inputs, use_cache=False).logits, targets)
+    if spec.loss == "chunked":
+        hidden = model(inputs, return_hidden=True)  # (B, T, dim)
+        return linear_cross_entropy(hidden, model.output.weight, targets, compile=spec.compile)
+    return cross_entropy(model(inputs), targets)
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def synthetic_batches(cfg: ModelConfig, s: BenchSettings, device: torch.device,
+                      pool: int = 4) -> Iterator[tuple[Tensor, Tensor]]:
+    """Random windows of seq_len + 1 tokens, cut like the loader's (inputs, shifted targets),
+    from a small fixed pool (pinned on a GPU host) so every row sees the same batches."""
+    g = torch.Generator().manual_seed(s.seed)
+    windows = torch.randint(0, cfg.vocab_size, (pool, s.batch_size, s.seq_len + 1), generator=g)
+    if device.type == "cuda":
+        windows = windows.pin_memory()
+    i = 0
+    while True:
+        w = windows[i % pool].to(device, non_blocking=True)
+        yield w[:, :-1], w[:, 1:]
+        i += 1
+
+
+class _Clock:
+    """Timestamps inside a step: host time on CPU, CUDA events on GPU (read once the step is
+    done, so they add no sync inside it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        marks, self.marks = self.marks, []
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of distinct storages held between steps: weights, buffers, grads, AdamW state."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [t for state in optimizer.state.values() for t in state.values()
+                if isinstance(t, Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def cpu_allocation_high_water(fn: Callable[[], Any]) -> int:
+    """Highest running sum of the CPU allocator's allocations minus frees while `fn` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The raw profiler events keep each allocation's signed size and time; the aggregated
+    # tables do not keep the order needed for a running sum.
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    running = high = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        high = max(high, running)
+    return high
+
+
+class _Trainee:
+    """One row's model, optimizer and batches, stepped and measured."""
+
+    def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
+        self.name, self.spec, self.device = name, ROWS[name], device
+        cfg = model_for(s)
+        self.tokens = s.batch_size * s.seq_len
+        if self.spec.impl == "hf":
+            self.model = build_hf(cfg, device, s.seed)
+        else:
+            self.model = build_ours(self.spec, cfg, device, s.seed)
+        self.model.train()
+        self.optimizer = build_adamw(self.model, self.spec, s.optim, device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.max_norm = s.optim.grad_clip if s.optim.grad_clip > 0 else float("inf")
+        self.batches = synthetic_batches(cfg, s, device)
+        self.autocast = autocast_for(s.precision, device)
+        # The kernel choice applies to our attention; HF's may pass masks flash cannot take.
+        self.sdpa = s.sdpa if self.spec.impl == "ours" else "auto"
+        self.clock = _Clock(device)
+        self.times: list[list[float]] = []
+        self.warmup_s = 0.0
+        self.last_loss = torch.zeros(())
+
+    def step(self) -> Tensor:
+        """One training step; the loss stays on the device (no sync to read it)."""
+        self.clock.mark()
+        inputs, targets = next(self.batches)
+        self.clock.mark()
+        with sdpa_context(self.sdpa):
+            with self.autocast():
+                loss = compute_loss(self.model, self.spec, inputs, targets)
+            loss.backward()
+        self.clock.mark()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clock.mark()
+        return loss.detach()
+
+    def warm_up(self, steps: int) -> None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync(self.device)
+        self.clock.intervals()
+        self.warmup_s = time.perf_counter() - start
+
+    def timed_step(self) -> None:
+        _sync(self.device)
+        start = time.perf_counter()
+        self.last_loss = self.step()
+        _sync(self.device)
+        total = time.perf_counter() - start
+        self.times.append([total, *self.clock.intervals()])
+
+    def peak_memory(self) -> tuple[float, float]:
+        """(bytes resident before a step, peak bytes during it), from one more step."""
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            static = torch.cuda.memory_allocated(self.device)
+            self.step()
+            _sync(self.device)
+            return static, torch.cuda.max_memory_allocated(self.device)
+        static = _resident_bytes(self.model, self.optimizer)
+        return static, static + cpu_allocation_high_water(self.step)
+
+    def result(self, memory: bool) -> RowResult:
+        """The row's figures; `mfu` is left for `run_bench`, which knows the final peak."""
+        total, data, fwd_bwd, optim = (statistics.median(col) for col in zip(*self.times))
+        static, peak = self.peak_memory() if memory else (None, None)
+        self.clock.intervals()
+        return RowResult(
+            row=self.name, what=self.spec.what, spec=asdict(self.spec), step_s=total,
+            best_step_s=min(t[0] for t in self.times),
+            data_s=data, fwd_bwd_s=fwd_bwd, optim_s=optim, tokens_per_s=self.tokens / total,
+            mfu=0.0, warmup_s=self.warmup_s,
+            final_loss=float(self.last_loss),
+            peak_mem_mib=None if peak is None else peak / _MIB,
+            static_mem_mib=None if static is None else static / _MIB,
+            step_times=[t[0] for t in self.times],
+        )
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _hf_missing() -> str | None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "transformers is not installed"
+    return None
+
+
+def _run_rows(names: list[str], s: BenchSettings, device: torch.device,
+              sample_peak: Callable[[], Any], interleave: bool,
+              on_row: Callable[[list[RowResult]], None]) -> list[RowResult]:
+    """Measure the rows: all alive and stepped in turns, or one after another (then `on_row`
+    sees the results so far after each); the peak rate is sampled after every round (or row)."""
+    if interleave:
+        trainees = [_Trainee(n, s, device) for n in names]
+        for t in trainees:
+            t.warm_up(s.warmup)
+        for _ in range(s.steps):
+            for t in trainees:
+                t.timed_step()
+            sample_peak()
+        return [t.result(s.memory) for t in trainees]
+    results = []
+    for n in names:
+        t = _Trainee(n, s, device)
+        t.warm_up(s.warmup)
+        for _ in range(s.steps):
+            t.timed_step()
+        sample_peak()
+        results.append(t.result(s.memory))
+        on_row(results)
+        del t
+        _release(device)
+    return results
+
+
+def run_bench(s: BenchSettings,
+              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the rows of `s`; returns the report (settings, machine, rows) as a JSON-ready dict.
+    `on_update` receives the partial report after each row when rows run one after another
+    (a long GPU run that is cut short keeps what it measured)."""
+    check_settings(s)
+    device = resolve_device(s.device)
+    cfg = model_for(s)
+    interleave = device.type == "cpu" if s.interleave is None else s.interleave
+    reason = _hf_missing() if "hf" in s.rows else None
+    skipped = {"hf": reason} if reason else {}
+    names = [r for r in s.rows if r not in skipped]
+    load_before = os.getloadavg()
+    first_peak, source = peak_flops(device)
+    peaks = [first_peak]
+
+    def sample_peak() -> None:
+        # On CPU the rate is measured again: other processes slow some samples down, the
+        # fastest is the machine's.
+        if device.type == "cpu":
+            peaks.append(peak_flops(device)[0])
+
+    def report(rows: list[RowResult]) -> dict[str, Any]:
+        for r in rows:
+            r.mfu = r.tokens_per_s * flops_per_token(cfg, s.seq_len) / max(peaks)
+        return {
+            "model": cfg.name, "params": count_params(cfg),
+            "flops_per_token": flops_per_token(cfg, s.seq_len), "seq_len": s.seq_len,
+            "batch_size": s.batch_size, "precision": s.precision, "sdpa": s.sdpa,
+            "device": _device_name(device), "peak_flops": max(peaks), "peak_source": source,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "warmup": s.warmup, "steps": s.steps, "interleaved": interleave,
+            "memory_method": _MEMORY_METHOD[device.type] if s.memory else None,
+            "load_before": list(load_before), "load_after": list(os.getloadavg()),
+            "skipped": skipped, "rows": [asdict(r) for r in rows],
+        }
+
+    def row_done(so_far: list[RowResult]) -> None:
+        if on_update is not None:
+            on_update(report(so_far))
+
+    torch.manual_seed(s.seed)
+    return report(_run_rows(names, s, device, sample_peak, interleave, row_done))
+
+
+_MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated over one step",
+    "cpu": "resident weights+grads+optimizer state + high-water of the CPU allocator's "
+           "allocations during one step (torch profiler, profile_memory)",
+}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------------- output
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def _row_cells(row: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> list[str]:
+    hf = by_name.get("hf")
+    parent = by_name.get(row["spec"]["parent"] or "")
+    mem = row["peak_mem_mib"]
+    return [
+        row["row"],
+        f"{row['tokens_per_s']:,.0f}",
+        f"{100 * row['mfu']:.1f}%",
+        f"{row['step_s']:.3f}",
+        f"{row['best_step_s']:.3f}",
+        f"{1e3 * row['data_s']:.1f}",
+        f"{row['fwd_bwd_s']:.3f}",
+        f"{row['optim_s']:.3f}",
+        "-" if mem is None else f"{mem:,.0f}",
+        _ratio(row["tokens_per_s"], hf and hf["tokens_per_s"]),
+        _ratio(row["tokens_per_s"], parent and parent["tokens_per_s"]),
+        _ratio(mem, parent and parent["peak_mem_mib"]),
+        f"{row['final_loss']:.4f}",
+    ]
+
+
+_HEADER = ["row", "tok/s", "MFU", "step s", "best s", "data ms", "fwd+bwd s", "optim s", "peak MiB",
+           "vs hf", "speed vs parent", "mem vs parent", "loss"]
+
+
+def _describe(report: dict[str, Any]) -> str:
+    load = "/".join(f"{x:.2f}" for x in report["load_before"])
+    load_after = "/".join(f"{x:.2f}" for x in report["load_after"])
+    return (
+        f"{report['model']} ({report['params'] / 1e6:.1f}M params) seq {report['seq_len']} "
+        f"x batch {report['batch_size']}, {report['precision']}, sdpa {report['sdpa']}, on "
+        f"{report['device']}, torch {report['torch']}\n"
+        f"  FLOPs/token {report['flops_per_token'] / 1e6:.1f}M (6*N_matmul + 12*L*d*T); "
+        f"peak {report['peak_flops'] / 1e12:.3f} TFLOP/s ({report['peak_source']}); "
+        f"median of {report['steps']} steps after {report['warmup']} warm-up"
+        f"{', rows interleaved' if report['interleaved'] else ''}\n"
+        f"  load average (1/5/15 min) before {load}, after {load_after}"
+        + "".join(f"\n  skipped {k}: {v}" for k, v in report["skipped"].items())
+    )
+
+
+def _render(header: list[str], lines: list[list[str]], n_text: int) -> str:
+    """Columns padded to their widest cell; the first `n_text` left-aligned, numbers right."""
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(f"{c:<{w}}" if i < n_text else f"{c:>{w}}"
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def _setting(report: dict[str, Any]) -> str:
+    return f"{report['model']} T={report['seq_len']} B={report['batch_size']}"
+
+
+def format_table(reports: list[dict[str, Any]]) -> str:
+    """One table for one or more reports (several: a leading column names the setting)."""
+    multi = len(reports) > 1
+    header = (["setting"] if multi else []) + _HEADER
+    lines = []
+    for report in reports:
+        by_name = {r["row"]: r for r in report["rows"]}
+        for row in report["rows"]:
+            lines.append(([_setting(report)] if multi else []) + _row_cells(row, by_name))
+    described = "\n".join(_describe(r) for r in reports)
+    table = _render(header, lines, 2 if multi else 1)
+    return f"{described}\n\n{table}\n{_summary(reports)}"
+
+
+def _summary(reports: list[dict[str, Any]]) -> str:
+    """The comparisons the benchmark exists for, one line each."""
+    out = []
+    for report in reports:
+        by_name = {r["row"]: r for r in report["rows"]}
+        best = by_name.get("+compile") or by_name.get("+chunked-ce")
+        prefix = f"{_setting(report)}: " if len(reports) > 1 else ""
+        if best and "hf" in by_name:
+            hf = by_name["hf"]
+            out.append(f"{prefix}ours ({best['row']}) / transformers tokens/s = "
+                       f"{best['tokens_per_s'] / hf['tokens_per_s']:.2f}x "
+                       f"(fastest steps: {hf['best_step_s'] / best['best_step_s']:.2f}x)")
+        for row in report["rows"]:
+            parent = by_name.get(row["spec"]["parent"] or "")
+            if row["spec"]["ac"] != "none" and parent and row["peak_mem_mib"] is not None:
+                cut = 1 - row["peak_mem_mib"] / parent["peak_mem_mib"]
+                cost = row["step_s"] / parent["step_s"] - 1
+                best = row["best_step_s"] / parent["best_step_s"] - 1
+                out.append(f"{prefix}{row['spec']['ac']} checkpointing: peak memory "
+                           f"-{100 * cut:.0f}%, step time {100 * cost:+.0f}% "
+                           f"(fastest steps: {100 * best:+.0f}%)")
+    return "\n".join(out)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU check: one command, at most 8 minutes on one GPU, no network, the machine's own
+# PyTorch (DeepSpeed not needed). It runs the tests marked `gpu`, then the benchmark of the 1b
+# preset (transformers, our eager and compiled model; flash SDPA, seq 4096, bf16) and of the
+# 125m preset, and prints one table of both last.
+#
+#   tools/gpu_check.sh [--dry] [--out DIR]
+#
+# --dry   the same sequence on the CPU with a tiny model and one step: proves the script works
+#         (the unit tests run it) without a GPU.
+# --out   where the JSON reports go (default: $OUT when set, else a new temporary directory).
+# Exit status: 0 when every part ran, 1 otherwise (the table shows whatever did run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+dry=0
+out="${OUT:-}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry) dry=1 ;;
+    --out) out="$2"; shift ;;
+    *) echo "usage: tools/gpu_check.sh [--dry] [--out DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+out="${out:-$(mktemp -d)}"
+mkdir -p "$out"
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Nothing may reach the network: hub lookups and W&B stay offline.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+if [ "$dry" = 1 ]; then
+  device=(--device cpu)
+  big=(--model debug --seq-len 32 --batch-size 2)
+  small=(--model debug --seq-len 32 --batch-size 2)
+  steps=(--warmup 1 --steps 1)
+  limits=(120 120 120)
+else
+  device=(--device cuda)
+  big=(--model 1b --seq-len 4096 --batch-size 4)
+  small=(--model 125m --seq-len 2048 --batch-size 8)
+  steps=(--warmup 2 --steps 5)
+  # Seconds for: gpu tests, 1b, 125m (sum 440 s, leaving room under 8 minutes).
+  limits=(110 220 110)
+fi
+
+failed=0
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, report, never abort the script
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name" >&2
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "== $name FAILED: over its ${limit} s limit" >&2
+    failed=1
+  elif [ "$rc" != 0 ]; then
+    echo "== $name FAILED (exit $rc)" >&2
+    failed=1
+  fi
+}
+
+python - <<'EOF' || exit 1
+import importlib.util, sys
+missing = [m for m in ("torch", "omegaconf", "hydra", "pytest")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_check: missing Python packages {missing}; install the project's "
+             "requirements (pip install -e .[dev]) in this environment")
+if importlib.util.find_spec("transformers") is None:
+    print("gpu_check: transformers absent: the hf baseline rows are skipped", file=sys.stderr)
+EOF
+
+# Rows run one after another on a GPU and each is saved as it finishes: the compiled model
+# comes first, so that a run cut short by its limit still reports it.
+part "tests marked gpu" "${limits[0]}" python -m pytest -m gpu -q -p no:cacheprovider tests
+part "benchmark ${big[1]}" "${limits[1]}" python -m tools.bench "${big[@]}" "${device[@]}" \
+  "${steps[@]}" --sdpa flash --rows +compile,+chunked-ce,hf --json "$out/big.json"
+part "benchmark ${small[1]}" "${limits[2]}" python -m tools.bench "${small[@]}" "${device[@]}" \
+  "${steps[@]}" --sdpa flash --rows +compile,+chunked-ce,plain,hf --json "$out/small.json"
+
+reports=()
+for f in "$out/big.json" "$out/small.json"; do
+  [ -f "$f" ] && reports+=("$f")
+done
+echo
+if [ "${#reports[@]}" -gt 0 ]; then
+  python -m tools.bench --table "${reports[@]}"
+else
+  echo "gpu_check: no benchmark finished" >&2
+  failed=1
+fi
+exit "$failed"
