@@ -61,13 +61,13 @@ class ConsoleSink(Sink):
         self.last_step = start_step
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.bar.update(step - self.last_step)
-        self.last_step = step
+        self.last_step, advance = step, step - self.last_step
         mfu = 100 * metrics["perf/mfu"]
         text = (f"loss {metrics['train/loss']:.3f} | lr {metrics['train/lr']:.2e} | "
                 f"{metrics['perf/tokens_per_sec']:.0f} tok/s | MFU {mfu:.1f}%")
-        if self.progress_bar:
+        if self.progress_bar:  # postfix first, so the redraw shows this step's numbers
             self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(advance)
         else:
             print(f"step {step} | {text}", flush=True)
 
