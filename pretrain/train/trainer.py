@@ -530,7 +530,7 @@ def maybe_log(run: Run, metrics: dict[str, float], step_time: float, tokens: int
         "train/tokens": float(run.counters.tokens),
         "perf/tokens_per_sec": tps,
         "perf/mfu": tps * run.flops_per_token / (run.peak_flops * run.env.world_size),
-        "perf/step_time_s": step_time,
+        "perf/step_time_s": step_time * run.tokens_per_step / max(tokens, 1),  # mean per step
         "perf/memory_gb": peak_memory_gb(run.device),
         **run.train_loader.metrics(),
     }
