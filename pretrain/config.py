@@ -15,6 +15,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+"""Names of the attention kernels `sdpa_backends` may list."""
+
 
 class ConfigError(ValueError):
     """A user error in the configuration; the message names the field and the fix."""
@@ -306,6 +309,15 @@ class TrainConfig:
     """'none', 'full' (recompute every block) or 'selective' (keep matmul outputs)."""
     compile: bool = False
     """torch.compile each transformer block."""
+    loss: str = "auto"
+    """Cross-entropy: 'chunked' (`linear_cross_entropy`: the output projection and the loss
+    in chunks of tokens, never the full fp32 logits), 'full' (logits, then cross-entropy), or
+    'auto': chunked where the output projection is whole on the rank that computes the loss
+    (not with tensor or pipeline parallelism or the DeepSpeed backend), else full."""
+    sdpa_backends: list[str] = field(default_factory=list)
+    """Attention kernels SDPA may use, in priority order: flash, cudnn, efficient, math.
+    Empty: on CUDA [flash, cudnn, efficient] (math only if the user lists it), on CPU
+    PyTorch's own choice."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     eval_every: int = 100
@@ -402,6 +414,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
              "spike_policy=rollback needs periodic checkpoints: set ckpt_every or ckpt_every_s")
     _require(cfg.nonfinite_policy in ("halt", "skip"),
              f"nonfinite_policy={cfg.nonfinite_policy!r}; use halt or skip")
+    _require(cfg.loss in ("auto", "chunked", "full"),
+             f"loss={cfg.loss!r}; use auto, chunked or full")
+    unknown = sorted(set(cfg.sdpa_backends) - set(SDPA_BACKENDS))
+    _require(not unknown, f"sdpa_backends has {unknown}; use any of {', '.join(SDPA_BACKENDS)}")
     _require(cfg.seq_len <= cfg.model.max_seq_len,
              f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
              "lower seq_len or raise model.max_seq_len")
@@ -441,6 +457,10 @@ def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
                  f"parallel.{name}={getattr(p, name)!r}; use bf16, fp16 or fp32")
     if p.pp > 1:
         _validate_pipeline(cfg, check_schedule)
+    _require(cfg.loss != "chunked" or (p.tp == 1 and p.pp == 1 and p.backend == "native"),
+             "loss=chunked needs the whole output projection on the rank that computes the "
+             "loss, which tensor/pipeline parallelism and the DeepSpeed backend do not give; "
+             "use loss=auto (chunked where it applies) or loss=full")
     if p.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
     else:

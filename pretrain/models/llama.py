@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.config import ModelConfig
+from pretrain.perf.loss import linear_cross_entropy
 
 __all__ = [
     "Attention",
@@ -343,6 +347,30 @@ def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return x[:, :, None].expand(B, H, n_rep, S, D).reshape(B, H * n_rep, S, D)
 
 
+SDPA_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+CUDA_SDPA_DEFAULT = ("flash", "efficient", "cudnn")
+"""Flash for causal attention (the training case), memory-efficient where flash cannot run
+(document masks, fp32, GQA with repeated heads), cuDNN last; no math kernel, which holds the
+(T, T) scores and would silently cost memory."""
+
+
+def attention_backends(names: Sequence[str], device_type: str) -> AbstractContextManager:
+    """Restrict SDPA to `names` in that priority order (an error, not a silent fallback, if
+    none can run). Empty: `CUDA_SDPA_DEFAULT` on CUDA, PyTorch's own choice elsewhere (the
+    CPU has one fused kernel, flash, and math). Wrap backward too: activation checkpointing
+    recomputes attention there and must pick the kernel the forward used."""
+    if not names:
+        if device_type != "cuda":
+            return nullcontext()
+        names = CUDA_SDPA_DEFAULT
+    return sdpa_kernel([SDPA_KERNELS[n] for n in names], set_priority=True)
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
     """Attention of q (B, H, T, D) over k, v (B, H_kv, S, D); causal when attn_mask is None.
 
@@ -427,6 +455,8 @@ class Transformer(nn.Module):
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.compile_loss = False
+        """Run the chunked loss's element-wise work as compiled kernels (set with compile)."""
         # Not persistent: it is a function of the config, recomputed by init_weights.
         self.register_buffer("rope_cache", rope_table(cfg), persistent=False)
 
@@ -438,9 +468,10 @@ class Transformer(nn.Module):
         attn_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
+        targets: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, vocab_size), or hidden states (B, T, dim) on a pipeline stage
-        without `output` or with `return_hidden`.
+        without `output` or with `return_hidden`, or with `targets` the mean loss.
 
         tokens: (B, T) ids, or (B, T, dim) hidden states on a stage without `tok_embeddings`.
         positions: (B, T) or (T,) rotary positions; default 0..T-1 (after the cache's length
@@ -451,6 +482,10 @@ class Transformer(nn.Module):
             advances by T.
         return_hidden: stop after the final norm, for a loss that applies `output` itself
             without materializing the logits (`pretrain.perf.loss.linear_cross_entropy`).
+        targets: (B, T) next-token ids: return their mean cross-entropy (fp32 scalar), computed
+            by `linear_cross_entropy` in chunks of tokens, so the full logits never exist. It
+            runs inside this forward so that a wrapper that gathers `output.weight` around the
+            forward (FSDP) has it whole here.
         """
         T = tokens.shape[1]
         start = 0
@@ -466,6 +501,9 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         h = self.norm(h) if self.norm is not None else h
+        if targets is not None:
+            return linear_cross_entropy(h, self.output.weight, targets,
+                                        compile=self.compile_loss)
         return self.output(h) if self.output is not None and not return_hidden else h
 
     def _rope(self, positions: Tensor | None, start: int, T: int) -> Tensor:

@@ -36,15 +36,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from pretrain.config import ModelConfig, OptimConfig, validate_model
 from pretrain.eval.perplexity import cross_entropy
-from pretrain.models.llama import build_model, count_params, flops_per_token
+from pretrain.models.llama import (
+    SDPA_KERNELS,
+    attention_backends,
+    build_model,
+    count_params,
+    flops_per_token,
+)
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
-from pretrain.perf.loss import linear_cross_entropy
 from pretrain.train.metrics import GPU_BF16_PEAK, gpu_peak_flops, measure_cpu_bf16_flops
 from pretrain.train.optim import build_optimizer
 
@@ -98,12 +102,6 @@ ROWS: dict[str, RowSpec] = {
 DEFAULT_ROWS = ("hf", "plain", "+fused-adamw", "+chunked-ce", "+compile",
                 "+compile+ac-selective", "+compile+ac-full")
 
-_SDPA_BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "math": SDPBackend.MATH,
-}
 
 
 @dataclass
@@ -166,8 +164,8 @@ def check_settings(s: BenchSettings) -> None:
         raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     if s.precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={s.precision!r}; the benchmark runs bf16 or fp32")
-    if s.sdpa != "auto" and s.sdpa not in _SDPA_BACKENDS:
-        raise ValueError(f"sdpa={s.sdpa!r}; use auto or one of {', '.join(_SDPA_BACKENDS)}")
+    if s.sdpa != "auto" and s.sdpa not in SDPA_KERNELS:
+        raise ValueError(f"sdpa={s.sdpa!r}; use auto or one of {', '.join(SDPA_KERNELS)}")
     if min(s.seq_len, s.batch_size, s.steps) < 1 or s.warmup < 0:
         raise ValueError("seq_len, batch_size and steps must be >= 1, warmup >= 0")
 
@@ -189,12 +187,6 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractC
     if precision == "fp32":
         return nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def sdpa_context(name: str) -> AbstractContextManager:
-    """Restrict attention to one SDPA kernel (an error, not a silent fallback, if it cannot
-    run); 'auto' leaves the choice to PyTorch."""
-    return nullcontext() if name == "auto" else sdpa_kernel([_SDPA_BACKENDS[name]])
 
 
 def peak_flops(device: torch.device) -> tuple[float, str]:
@@ -255,9 +247,8 @@ def build_adamw(model: nn.Module, spec: RowSpec, optim: OptimConfig,
 def compute_loss(model: nn.Module, spec: RowSpec, inputs: Tensor, targets: Tensor) -> Tensor:
     if spec.impl == "hf":
         return cross_entropy(model(input_ids=inputs, use_cache=False).logits, targets)
-    if spec.loss == "chunked":
-        hidden = model(inputs, return_hidden=True)  # (B, T, dim)
-        return linear_cross_entropy(hidden, model.output.weight, targets, compile=spec.compile)
+    if spec.loss == "chunked":  # as the trainer does (loss=auto); compile set by parallelize
+        return model(inputs, targets=targets)
     return cross_entropy(model(inputs), targets)
 
 
@@ -361,7 +352,7 @@ class _Trainee:
         self.clock.mark()
         inputs, targets = next(self.batches)
         self.clock.mark()
-        with sdpa_context(self.sdpa):
+        with attention_backends([] if self.sdpa == "auto" else [self.sdpa], self.device.type):
             with self.autocast():
                 loss = compute_loss(self.model, self.spec, inputs, targets)
             loss.backward()

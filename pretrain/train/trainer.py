@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -37,7 +38,13 @@ from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.eval.generate import generate
 from pretrain.eval.perplexity import cross_entropy, evaluate
-from pretrain.models.llama import build_model, check_initialized, count_params, flops_per_token
+from pretrain.models.llama import (
+    attention_backends,
+    build_model,
+    check_initialized,
+    count_params,
+    flops_per_token,
+)
 from pretrain.parallel import deepspeed_backend as ds
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
 from pretrain.parallel.parallelize import (
@@ -125,6 +132,12 @@ class Run:
     preempt: PreemptionHandler = field(default_factory=PreemptionHandler)
     start_step: int = 0
     """The step this process started (or resumed) at: injected faults fire on a first attempt."""
+    chunked_loss: bool = False
+    """The model computes the loss itself, chunk by chunk (`TrainConfig.loss`)."""
+    attention: Callable[[], Any] = contextlib.nullcontext
+    """The SDPA kernel choice (`TrainConfig.sdpa_backends`), entered around forward+backward."""
+    pending: list[StepRecord] = field(default_factory=list)
+    """Steps whose device numbers the host has not read yet (see `settle`)."""
     last_ckpt_time: float = field(default_factory=time.time)
 
     @property
@@ -134,6 +147,12 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.global_batch_size * self.cfg.seq_len
+
+    @property
+    def settle_each_step(self) -> bool:
+        """The host must look at every step: the spike policy acts on the step itself, or the
+        update cannot be skipped on the device."""
+        return self.cfg.spike_policy in ("skip", "rollback") or not skips_on_device(self)
 
 
 def pick_device(name: str, env: DistEnv) -> torch.device:
@@ -271,7 +290,17 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         checkpointer=ckpt.Checkpointer(run_dir / "checkpoints", keep=cfg.ckpt_keep,
                                        async_save=cfg.ckpt_async),
         spike=SpikeDetector(window=cfg.spike_window, threshold=cfg.spike_threshold),
+        chunked_loss=uses_chunked_loss(cfg),
+        attention=functools.partial(attention_backends, cfg.sdpa_backends, device.type),
     )
+
+
+def uses_chunked_loss(cfg: TrainConfig) -> bool:
+    """loss=auto: chunked where one rank holds the whole output projection (validate() has
+    refused loss=chunked elsewhere)."""
+    p = cfg.parallel
+    whole = p.tp == 1 and p.pp == 1 and p.backend == "native"
+    return cfg.loss == "chunked" or (cfg.loss == "auto" and whole)
 
 
 def trainer_state(run: Run) -> dict[str, Any]:
@@ -318,15 +347,33 @@ def load_state(run: Run, found: Path) -> None:
         run.spike.load_state_dict(state["spike"])
 
 
+@dataclass
+class StepRecord:
+    """One optimizer step as it left the device queue: loss, gradient norm and the all-rank
+    finite flag stay device tensors until `settle` reads a batch of records in one transfer,
+    so a step never waits for the device to tell the host a number."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    finite: torch.Tensor
+    """() float32: 1 when loss and gradient norm are finite on every rank."""
+    lr: float
+    data_wait: float
+    skipped: bool = False
+    """Skipped for a reason the host already knows (a replayed spike batch, spike_policy=skip)."""
+
+
 def forward_backward(run: Run, autocast: Callable[[], Any]) -> tuple[torch.Tensor, float]:
     """All micro-batches of one step; returns (mean loss, seconds waiting for data)."""
     loss_sum = torch.zeros((), device=run.device)
     data_wait = 0.0
-    for i in range(run.grad_accum):
-        t = time.perf_counter()
-        batch = run.train_loader.next_batch().to(run.device, non_blocking=True)
-        data_wait += time.perf_counter() - t
-        loss_sum += micro_batch(run, batch, autocast, last=i == run.grad_accum - 1)
+    with run.attention():  # backward too: checkpointing recomputes attention there
+        for i in range(run.grad_accum):
+            t = time.perf_counter()
+            batch = run.train_loader.next_batch().to(run.device, non_blocking=True)
+            data_wait += time.perf_counter() - t
+            loss_sum += micro_batch(run, batch, autocast, last=i == run.grad_accum - 1)
     return loss_sum, data_wait
 
 
@@ -343,49 +390,56 @@ def micro_batch(run: Run, batch: Batch, autocast: Callable[[], Any], *,
             loss = pipeline_step(run.pipe, inputs, targets)
         return loss / run.grad_accum
     with autocast():
-        logits = run.parts[0](inputs, **batch.model_kwargs())
-    loss = cross_entropy(logits, targets) / run.grad_accum
+        if run.chunked_loss:  # the model applies `output` and the loss chunk by chunk
+            loss = run.parts[0](inputs, targets=targets, **batch.model_kwargs())
+        else:
+            loss = cross_entropy(run.parts[0](inputs, **batch.model_kwargs()), targets)
+    loss = loss / run.grad_accum
     (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
     return loss.detach()
 
 
-def train_step(run: Run, autocast: Callable[[], Any]) -> dict[str, float]:
-    """One optimizer step: forward/backward, clip, finite and spike checks, step, schedule."""
+def train_step(run: Run, autocast: Callable[[], Any]) -> StepRecord:
+    """One optimizer step: forward/backward, clip, all-rank finite flag, step, schedule.
+
+    Nothing here reads a device number on the host unless `run.settle_each_step` (a spike
+    policy that acts on this step, a DeepSpeed engine, fp16 loss scaling, or an optimizer that
+    cannot skip an update on the device); the checks then run in `settle`."""
     step = run.counters.step + 1
+    lr = run.scheduler.get_last_lr()[0]
     if step in run.counters.skip_steps:
-        return skip_batch(run)
+        return skip_batch(run, step, lr)
     loss, data_wait = forward_backward(run, autocast)
-    loss = inject_loss_faults(run, step, loss)
-    loss = dp_mean(run, loss)
-    verdict = spike_verdict(run, step, float(loss))
-    if verdict == "rollback":
-        run.optimizer.zero_grad(set_to_none=True)
-        raise Rollback(step)
+    loss = dp_mean(run, inject_loss_faults(run, step, loss))
+    spike_skip = False
+    if run.cfg.spike_policy in ("skip", "rollback"):  # decided before the update: a sync
+        verdict = spike_verdict(run, step, float(loss))
+        if verdict == "rollback":
+            run.optimizer.zero_grad(set_to_none=True)
+            raise Rollback(step)
+        spike_skip = verdict == "skip"
     if run.engine is not None:
         # The engine clipped and stepped after the last micro-batch (its fp16 loss scaler skips
         # overflowing steps itself): a non-finite step is counted or halts, not undone.
-        grad_norm = torch.tensor(ds.grad_norm(run.engine))
-        finite = check_finite(run, loss, grad_norm)
+        grad_norm = torch.tensor(ds.grad_norm(run.engine), device=run.device)
     else:
         grad_norm = clip_gradients(run)
-        finite = check_finite(run, loss, grad_norm)
-        optimizer_step(run, finite and verdict != "skip")
-    lr = run.scheduler.get_last_lr()[0]
+    finite = all_ranks_finite(run, loss, grad_norm)
+    if run.engine is None:
+        optimizer_step(run, finite, skip=spike_skip)
     run.scheduler.step()
-    return {"train/loss": float(loss), "train/grad_norm": float(grad_norm), "train/lr": lr,
-            "data/wait_s": data_wait, "train/skipped": float(not finite or verdict == "skip")}
+    return StepRecord(step, loss, grad_norm, finite, lr, data_wait, skipped=spike_skip)
 
 
-def skip_batch(run: Run) -> dict[str, float]:
+def skip_batch(run: Run, step: int, lr: float) -> StepRecord:
     """Consume this step's batches without an update (the batch that caused a rolled-back
     spike), so the data order after it is the one an uninterrupted run would see."""
     for _ in range(run.grad_accum):
         run.train_loader.next_batch()
     run.counters.skipped_total += 1
-    lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
-    return {"train/loss": math.nan, "train/grad_norm": math.nan, "train/lr": lr,
-            "data/wait_s": 0.0, "train/skipped": 1.0}
+    nan = torch.full((), math.nan, device=run.device)
+    return StepRecord(step, nan, nan, torch.ones((), device=run.device), lr, 0.0, skipped=True)
 
 
 def inject_loss_faults(run: Run, step: int, loss: torch.Tensor) -> torch.Tensor:
@@ -425,6 +479,7 @@ def rollback(run: Run, step: int) -> None:
                              "set ckpt_every (or use spike_policy=skip)")
     skip_steps = sorted({*run.counters.skip_steps, step})
     rollbacks = run.counters.rollbacks + 1
+    run.pending.clear()
     load_state(run, found)
     run.counters.skip_steps, run.counters.rollbacks = skip_steps, rollbacks
     if run.env.is_main:
@@ -441,22 +496,32 @@ def clip_gradients(run: Run) -> torch.Tensor:
     return clip_grad_norm_(run.model.parameters(), max_norm, pp_mesh=pp_mesh)
 
 
-def check_finite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    """True only if loss and gradient norm are finite on every rank: one rank's NaN stops the
-    update everywhere, so replicas never diverge."""
-    ok = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float().reshape(1).cpu()
+def all_ranks_finite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """() float32, 1 only if loss and gradient norm are finite on every rank: one rank's NaN
+    stops the update everywhere, so replicas never diverge. A device-side all-reduce (gloo
+    takes host tensors)."""
+    ok = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float().reshape(())
     if dist.is_initialized():
+        on_host = dist.get_backend() == "gloo"
+        ok = ok.cpu() if on_host else ok
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    finite = bool(ok.item())
-    if finite:
-        run.counters.skipped_in_row = 0
-    else:
-        handle_nonfinite(run, float(loss))
-    return finite
+        ok = ok.to(run.device, non_blocking=True)
+    return ok
 
 
-def optimizer_step(run: Run, finite: bool) -> None:
-    if finite:
+def skips_on_device(run: Run) -> bool:
+    """Fused AdamW takes a `found_inf` tensor and leaves parameters, moments and step count
+    untouched when it is nonzero: a non-finite step is skipped without the host looking."""
+    return run.scaler is None and run.engine is None and bool(run.optimizer.defaults.get("fused"))
+
+
+def optimizer_step(run: Run, finite: torch.Tensor, *, skip: bool = False) -> None:
+    if skip:
+        pass
+    elif skips_on_device(run):
+        run.optimizer.found_inf = 1.0 - finite
+        run.optimizer.step()
+    elif bool(finite.item()):  # a host sync: this optimizer cannot skip on the device
         if run.scaler is not None:
             run.scaler.step(run.optimizer)
         else:
@@ -466,13 +531,38 @@ def optimizer_step(run: Run, finite: bool) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def handle_nonfinite(run: Run, loss: float) -> None:
+def settle(run: Run) -> dict[str, float]:
+    """Read the pending steps' numbers in one transfer, apply the host-side checks to them in
+    step order (non-finite counting and halting, spike warnings, the last loss), and return
+    the newest step's metrics. The one host sync of the loop, at log steps and checkpoints."""
+    records, run.pending = run.pending, []
+    if not records:
+        return {}
+    values = torch.stack([
+        torch.stack([r.loss.float().reshape(()), r.grad_norm.float().reshape(()),
+                     r.finite.float().reshape(())]).to(run.device)
+        for r in records
+    ]).tolist()
+    for r, (loss, _, finite) in zip(records, values, strict=True):
+        if not finite:
+            handle_nonfinite(run, r.step, loss)
+        elif not r.skipped:
+            run.counters.skipped_in_row = 0
+            if run.cfg.spike_policy == "warn":
+                spike_verdict(run, r.step, loss)
+        run.counters.last_train_loss = loss
+    last, (loss, grad_norm, finite) = records[-1], values[-1]
+    return {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": last.lr,
+            "data/wait_s": last.data_wait, "train/skipped": float(not finite or last.skipped)}
+
+
+def handle_nonfinite(run: Run, step: int, loss: float) -> None:
     c = run.counters
     c.skipped_total += 1
     c.skipped_in_row += 1
     if run.cfg.nonfinite_policy == "halt" or c.skipped_in_row > run.cfg.max_skips:
         raise NonFiniteError(
-            f"non-finite loss/gradient norm at step {c.step + 1} (loss={loss}); "
+            f"non-finite loss/gradient norm at step {step} (loss={loss}); "
             f"policy={run.cfg.nonfinite_policy}, consecutive skips={c.skipped_in_row}. "
             "Lower optim.lr, raise warmup, or use precision=bf16/fp32; resume from the last "
             "checkpoint with resume=auto"
@@ -482,11 +572,12 @@ def handle_nonfinite(run: Run, loss: float) -> None:
 def run_eval(run: Run, autocast: Callable[[], Any]) -> dict[str, float]:
     batches = run.val_loader.eval_batches(run.cfg.eval_batches)
     common = dict(device=run.device, autocast=autocast, all_reduce=lambda t: dp_sum(run, t))
-    if run.pipe is not None:
-        metrics = evaluate_pipeline(run.pipe, batches, **common)
-    else:
-        model = run.engine if run.engine is not None else run.parts[0]
-        metrics = evaluate(model, batches, **common)
+    with run.attention():
+        if run.pipe is not None:
+            metrics = evaluate_pipeline(run.pipe, batches, **common)
+        else:
+            model = run.engine if run.engine is not None else run.parts[0]
+            metrics = evaluate(model, batches, **common)
     run.counters.last_val_loss = metrics["val/loss"]
     run.counters.best_val_loss = min(run.counters.best_val_loss, metrics["val/loss"])
     return metrics
@@ -505,6 +596,7 @@ def maybe_checkpoint(run: Run, *, force: bool = False, due: bool = False) -> Non
     every = run.cfg.ckpt_every
     if not (force or due or (every > 0 and run.counters.step % every == 0)):
         return
+    settle(run)  # the saved counters and spike history include every step so far
     step = run.counters.step
     run.last_ckpt_time = time.time()
     if run.engine is not None:
@@ -519,10 +611,14 @@ def maybe_checkpoint(run: Run, *, force: bool = False, due: bool = False) -> Non
         run.checkpointer.save(step, run.model, run.optimizer, trainer_state(run))
 
 
+def is_log_step(run: Run, step: int) -> bool:
+    return step % max(1, run.cfg.logging.log_every) == 0 or step in (1, run.total_steps)
+
+
 def maybe_log(run: Run, metrics: dict[str, float], step_time: float, tokens: int) -> None:
-    every = max(1, run.cfg.logging.log_every)
+    """The settled metrics of a log step, with throughput over the steps since the last."""
     step = run.counters.step
-    if step % every and step != run.total_steps and step != 1:
+    if not is_log_step(run, step):
         return
     tps = tokens / max(step_time, 1e-9)
     metrics = {
@@ -577,19 +673,21 @@ def train_loop(run: Run, autocast: Callable[[], Any]) -> str:
         t = time.perf_counter()
         watchdog.arm()
         try:
-            metrics = train_step(run, autocast)
+            record = train_step(run, autocast)
         except Rollback as spike:
             watchdog.disarm()
             rollback(run, spike.step)
             continue
+        run.pending.append(record)
+        log_now = is_log_step(run, record.step)
+        # Reading the numbers waits for the device: inside the timed step, under the watchdog.
+        metrics = settle(run) if log_now or run.settle_each_step else {}
         watchdog.disarm()
-        run.counters.last_train_loss = metrics["train/loss"]
         run.counters.step += 1
         run.counters.tokens += run.tokens_per_step
         recent_tokens += run.tokens_per_step
         recent_time += time.perf_counter() - t
-        if run.counters.step % max(1, run.cfg.logging.log_every) == 0 or run.counters.step in (
-                1, run.total_steps):
+        if log_now:
             maybe_log(run, metrics, recent_time, recent_tokens)
             recent_tokens, recent_time = 0, 0.0
             run.checkpointer.poll()
@@ -668,6 +766,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             announce(run)
         run.preempt.install()
         status = train_loop(run, autocast)
+        settle(run)
         if status != "preempted":  # a preempted job has seconds left: checkpoint only
             maybe_eval(run, autocast, force=True)
         maybe_checkpoint(run, force=True)
