@@ -307,8 +307,10 @@ class TrainConfig:
     """'fp32', 'bf16' (autocast) or 'fp16' (autocast with a loss scaler; GPU only)."""
     activation_checkpointing: str = "none"
     """'none', 'full' (recompute every block) or 'selective' (keep matmul outputs)."""
-    compile: bool = False
-    """torch.compile each transformer block."""
+    compile: bool | None = None
+    """torch.compile each transformer block. Default (null): on with CUDA and the native
+    backend; off on CPU, where the main job measured no faster compiled (4,547 vs 4,686
+    tokens/s) and paid 36 s of compilation."""
     loss: str = "auto"
     """Cross-entropy: 'chunked' (`linear_cross_entropy`: the output projection and the loss
     in chunks of tokens, never the full fp32 logits), 'full' (logits, then cross-entropy), or

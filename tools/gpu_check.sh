@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command, at most 8 minutes on one GPU, no network, the machine's own
 # PyTorch (DeepSpeed not needed). It runs the tests marked `gpu`, then the benchmark of the 1b
-# preset (transformers, our eager and compiled model; flash SDPA, seq 4096, bf16) and of the
-# 125m preset, and prints one table of both last.
+# preset (transformers, our eager and compiled model, the kernels-only floor; flash SDPA,
+# seq 4096, bf16) and of the 125m preset, and prints one table of both last.
 #
 #   tools/gpu_check.sh [--dry] [--out DIR]
 #
@@ -76,9 +76,9 @@ EOF
 # comes first, so that a run cut short by its limit still reports it.
 part "tests marked gpu" "${limits[0]}" python -m pytest -m gpu -q -p no:cacheprovider tests
 part "benchmark ${big[1]}" "${limits[1]}" python -m tools.bench "${big[@]}" "${device[@]}" \
-  "${steps[@]}" --sdpa flash --rows +compile,+chunked-ce,hf --json "$out/big.json"
+  "${steps[@]}" --sdpa flash --rows +compile,+chunked-ce,hf,kernels --json "$out/big.json"
 part "benchmark ${small[1]}" "${limits[2]}" python -m tools.bench "${small[@]}" "${device[@]}" \
-  "${steps[@]}" --sdpa flash --rows +compile,+chunked-ce,plain,hf --json "$out/small.json"
+  "${steps[@]}" --sdpa flash --rows +compile,+chunked-ce,plain,hf,kernels --json "$out/small.json"
 
 reports=()
 for f in "$out/big.json" "$out/small.json"; do

@@ -26,6 +26,7 @@ How a row is measured
 from __future__ import annotations
 
 import gc
+import math
 import os
 import statistics
 import time
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -70,7 +72,8 @@ class RowSpec:
     """What one benchmark row trains."""
 
     impl: str
-    """'ours' (pretrain's Transformer) or 'hf' (transformers.LlamaForCausalLM)."""
+    """'ours' (pretrain's Transformer), 'hf' (transformers.LlamaForCausalLM), or 'kernels'
+    (`_KernelFloor`: the matmuls and attention kernels of the step and nothing else)."""
     optimizer: str
     """AdamW implementation: 'for-loop', 'foreach' or 'fused'."""
     loss: str = "plain"
@@ -86,6 +89,7 @@ class RowSpec:
 
 
 ROWS: dict[str, RowSpec] = {
+    "kernels": RowSpec("kernels", "none", what="only the step's GEMMs and attention (a floor)"),
     "hf": RowSpec("hf", "fused", what="transformers LlamaForCausalLM, plain loop, fused AdamW"),
     "plain": RowSpec("ours", "for-loop", what="ours, every optimization off"),
     "+foreach-adamw": RowSpec("ours", "foreach", parent="plain", what="+ foreach AdamW"),
@@ -99,7 +103,7 @@ ROWS: dict[str, RowSpec] = {
     "+compile+ac-full": RowSpec("ours", "fused", "chunked", True, "full", parent="+compile",
                                 what="+ full checkpointing"),
 }
-DEFAULT_ROWS = ("hf", "plain", "+fused-adamw", "+chunked-ce", "+compile",
+DEFAULT_ROWS = ("kernels", "hf", "plain", "+fused-adamw", "+chunked-ce", "+compile",
                 "+compile+ac-selective", "+compile+ac-full")
 
 
@@ -408,6 +412,73 @@ class _Trainee:
         )
 
 
+class _KernelFloor(_Trainee):
+    """A step that runs only the kernels a LLaMA step cannot avoid, on the step's shapes in the
+    compute dtype: per block, each projection's forward GEMM and its two backward GEMMs
+    (input and weight gradients) and causal SDPA forward + backward; then the output
+    projection's three GEMMs. No norms, RoPE, activations, loss, residuals, casts or optimizer.
+    Its time bounds from below the step of any implementation built on these kernels (ours,
+    transformers'), which makes it the ceiling of "ours / transformers" on this machine."""
+
+    def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
+        self.name, self.spec, self.device = name, ROWS[name], device
+        cfg = model_for(s)
+        self.tokens = s.batch_size * s.seq_len
+        dtype = torch.float32 if s.precision == "fp32" else torch.bfloat16
+        model = build_model(cfg, device="meta")
+        block = model.layers["0"]
+        shapes = [tuple(m.weight.shape) for m in block.modules() if isinstance(m, nn.Linear)]
+        g = torch.Generator(device=device).manual_seed(s.seed)
+
+        def randn(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+        # (input, weight, output gradient) of each projection: (N, in), (out, in), (N, out).
+        self.block_gemms = [(randn(self.tokens, i), randn(o, i), randn(self.tokens, o))
+                            for o, i in shapes]
+        self.output_gemm = (randn(self.tokens, cfg.dim), randn(cfg.vocab_size, cfg.dim),
+                            randn(self.tokens, cfg.vocab_size))
+        self.n_layers = cfg.n_layers
+        hd, kv = cfg.dim // cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
+        q_shape = (s.batch_size, cfg.n_heads, s.seq_len, hd)
+        kv_shape = (s.batch_size, kv, s.seq_len, hd)
+        self.qkv = [randn(*q_shape), randn(*kv_shape), randn(*kv_shape)]
+        for t in self.qkv:
+            t.requires_grad_(True)
+        self.attn_grad = randn(*q_shape)
+        self.sdpa = s.sdpa
+        self.clock = _Clock(device)
+        self.times = []
+        self.warmup_s = 0.0
+        self.last_loss = torch.full((), math.nan)
+
+    def step(self) -> Tensor:
+        self.clock.mark()
+        self.clock.mark()  # no data
+        with attention_backends([] if self.sdpa == "auto" else [self.sdpa], self.device.type):
+            for _ in range(self.n_layers):
+                for x, w, g in self.block_gemms:
+                    x @ w.t(), g @ w, g.t() @ x
+                for t in self.qkv:
+                    t.grad = None
+                q, k, v = self.qkv
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                     enable_gqa=q.shape[1] != k.shape[1])
+                out.backward(self.attn_grad)
+            x, w, g = self.output_gemm
+            x @ w.t(), g @ w, g.t() @ x
+        self.clock.mark()
+        self.clock.mark()  # no optimizer
+        return self.last_loss
+
+    def peak_memory(self) -> tuple[None, None]:
+        return None, None  # not a training step: its memory means nothing
+
+
+def _trainee(name: str, s: BenchSettings, device: torch.device) -> _Trainee:
+    return (_KernelFloor if ROWS[name].impl == "kernels" else _Trainee)(name, s, device)
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -428,7 +499,7 @@ def _run_rows(names: list[str], s: BenchSettings, device: torch.device,
     """Measure the rows: all alive and stepped in turns, or one after another (then `on_row`
     sees the results so far after each); the peak rate is sampled after every round (or row)."""
     if interleave:
-        trainees = [_Trainee(n, s, device) for n in names]
+        trainees = [_trainee(n, s, device) for n in names]
         for t in trainees:
             t.warm_up(s.warmup)
         for _ in range(s.steps):
@@ -438,7 +509,7 @@ def _run_rows(names: list[str], s: BenchSettings, device: torch.device,
         return [t.result(s.memory) for t in trainees]
     results = []
     for n in names:
-        t = _Trainee(n, s, device)
+        t = _trainee(n, s, device)
         t.warm_up(s.warmup)
         for _ in range(s.steps):
             t.timed_step()
@@ -597,6 +668,11 @@ def _summary(reports: list[dict[str, Any]]) -> str:
             out.append(f"{prefix}ours ({best['row']}) / transformers tokens/s = "
                        f"{best['tokens_per_s'] / hf['tokens_per_s']:.2f}x "
                        f"(fastest steps: {hf['best_step_s'] / best['best_step_s']:.2f}x)")
+        floor = by_name.get("kernels")
+        if floor and "hf" in by_name:
+            out.append(f"{prefix}kernels only / transformers tokens/s = "
+                       f"{floor['tokens_per_s'] / by_name['hf']['tokens_per_s']:.2f}x: the most "
+                       "any implementation of these kernels could gain over transformers here")
         for row in report["rows"]:
             parent = by_name.get(row["spec"]["parent"] or "")
             if row["spec"]["ac"] != "none" and parent and row["peak_mem_mib"] is not None:

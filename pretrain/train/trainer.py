@@ -228,13 +228,22 @@ def build_and_init_model(cfg: TrainConfig, dims: ParallelDims, mesh: DeviceMesh 
     layout_mesh = None if cfg.parallel.backend == "deepspeed" else mesh
     for _, part in stages:
         parallelize(part, dims, layout_mesh, ac_mode=cfg.activation_checkpointing,
-                    compile=cfg.compile, parallel=cfg.parallel, precision=cfg.precision)
+                    compile=compile_enabled(cfg, device), parallel=cfg.parallel,
+                    precision=cfg.precision)
     parts = [part for _, part in stages]
     init_model_weights(parts, cfg.model, cfg.seed, device)
     for part in parts:
         check_initialized(part)
         part.train()
     return (local_model(parts) if dims.pp_enabled else model), stages
+
+
+def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
+    """compile=null: on with CUDA and the native backend (the DeepSpeed engine hooks inside
+    the blocks); an explicit true/false wins."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return device.type == "cuda" and cfg.parallel.backend == "native"
 
 
 def build_engine(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -98,3 +98,34 @@ def test_bf16_step_on_cuda_under_flash_attention() -> None:
         assert math.isfinite(row["final_loss"]) and row["tokens_per_s"] > 0
         assert row["peak_mem_mib"] > row["static_mem_mib"] > 0
     assert report["peak_source"].endswith(("data sheet", "assumed"))
+
+
+def test_kernel_floor_runs_exactly_the_steps_gemms_and_attention(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.perf.bench import _KernelFloor
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_model_config("debug")
+    settings = BenchSettings(model=cfg, seq_len=32, batch_size=2, device="cpu")
+    floor = _KernelFloor("kernels", settings, torch.device("cpu"))
+    with Count() as count:
+        floor.step()
+    # wq wk wv wo w1 w2 w3 per block and the output projection: forward + 2 backward GEMMs.
+    assert count.ops["mm"] == 3 * (7 * cfg.n_layers + 1)
+    sdpa = {k: v for k, v in count.ops.items() if "attention" in k}
+    assert sum(sdpa.values()) == 2 * cfg.n_layers, sdpa  # forward and backward per block
+    assert not {"add", "mul", "silu", "rsqrt", "_fused_adamw_"} & count.ops.keys(), count.ops
+    assert main([*TINY, "--rows", "kernels,hf,+compile"]) == 0
+    printed = capsys.readouterr().out
+    assert "kernels only / transformers tokens/s = " in printed

@@ -162,3 +162,15 @@ def test_cuda_step_has_no_sync_outside_log_steps(cache_dir: Path, tmp_path: Path
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(settle(run)["train/loss"])
+
+
+def test_compile_defaults_on_only_with_cuda_and_the_native_backend(tmp_path: Path) -> None:
+    from pretrain.train.trainer import compile_enabled
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = make_config(tmp_path)
+    assert cfg.compile is None
+    assert compile_enabled(cfg, cuda) and not compile_enabled(cfg, cpu)
+    assert not compile_enabled(make_config(tmp_path, "parallel=zero2", world_size=2), cuda)
+    assert compile_enabled(make_config(tmp_path, "compile=true"), cpu)
+    assert not compile_enabled(make_config(tmp_path, "compile=false"), cuda)
