@@ -151,8 +151,9 @@ def test_sdpa_backends_reach_attention(cache_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_cuda_step_has_no_sync_outside_log_steps(cache_dir: Path, tmp_path: Path) -> None:
+    # Eager, to stay quick inside the GPU check's time limit.
     run = make_run(cache_dir, tmp_path, "cuda", "device=cuda", "precision=bf16",
-                   "logging.log_every=100")
+                   "compile=false", "logging.log_every=100")
     autocast = autocast_factory(run.cfg.precision, run.device)
     run.pending.append(train_step(run, autocast))
     torch.cuda.synchronize()
