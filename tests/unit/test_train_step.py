@@ -175,3 +175,36 @@ def test_compile_defaults_on_only_with_cuda_and_the_native_backend(tmp_path: Pat
     assert not compile_enabled(make_config(tmp_path, "parallel=zero2", world_size=2), cuda)
     assert compile_enabled(make_config(tmp_path, "compile=true"), cpu)
     assert not compile_enabled(make_config(tmp_path, "compile=false"), cuda)
+
+
+def test_optimizer_without_device_skip_is_checked_every_step(cache_dir: Path,
+                                                             tmp_path: Path) -> None:
+    run = make_run(cache_dir, tmp_path, "foreach", "optim.implementation=foreach",
+                   "nonfinite_policy=skip", "faults.nan_at_step=2", "logging.log_every=100",
+                   "steps=3")
+    assert run.settle_each_step
+    run.sinks = []
+    before: dict[str, torch.Tensor] = {}
+
+    def snapshot() -> None:
+        before.update({k: v.clone() for k, v in run.model.state_dict().items()})
+
+    autocast = autocast_factory(run.cfg.precision, run.device)
+    run.pending.append(train_step(run, autocast))
+    run.counters.step = 1
+    snapshot()
+    run.pending.append(train_step(run, autocast))  # NaN: the host decides, and skips
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    settle(run)
+    assert run.counters.skipped_total == 1 and run.counters.skipped_in_row == 1
+
+
+def test_spike_warning_comes_with_the_settled_losses(cache_dir: Path, tmp_path: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    run = make_run(cache_dir, tmp_path, "spike", "steps=12", "spike_window=5",
+                   "faults.spike_at_step=10", "logging.log_every=12")
+    run.sinks = []
+    train_loop(run, autocast_factory(run.cfg.precision, run.device))
+    assert "warning: loss spike at step 10" in capfd.readouterr().out
+    assert run.counters.skipped_total == 0  # warn only: the update was made
