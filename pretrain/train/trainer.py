@@ -2,7 +2,9 @@
 → init → optimizer and schedule → resume → loop → close.
 
 The loop body calls small named functions (`train_step`, `maybe_eval`, `maybe_checkpoint`,
-`maybe_log`); optional behaviour lives in the metric sinks of `loggers.py`.
+`maybe_log`); optional behaviour lives in the metric sinks of `loggers.py`. A step leaves its
+loss, gradient norm and finite flag on the device (`StepRecord`); `settle` reads the pending
+ones in one transfer at log steps and checkpoints and runs the host-side checks on them.
 
 Layouts (see pretrain/parallel): one process; FSDP2 / DDP / tensor parallel, applied to the
 model by `parallelize`; pipeline parallel, where the model is split into stages and a schedule
