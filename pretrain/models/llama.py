@@ -535,7 +535,7 @@ class Transformer(nn.Module):
             seed = draw_init_seed()
         device = buffer_device or self.rope_cache.device
         self.rope_cache = rope_table(cfg, device=device)
-        self._retie()
+        self.tie_weights()
         if self.tok_embeddings is not None:
             _normal_(self.tok_embeddings.weight, cfg.init_std, _child_seed(seed, "tok_embeddings"))
         for name, layer in self.layers.items():
@@ -549,9 +549,10 @@ class Transformer(nn.Module):
             std = cfg.dim**-0.5
             _normal_(self.output.weight, std, _child_seed(seed, "output"), truncate=True)
 
-    def _retie(self) -> None:
+    def tie_weights(self) -> None:
         """`to_empty` from the meta device allocates each module's parameters separately and so
-        unties shared weights; restore the tie before initializing."""
+        unties shared weights; restore the tie (before initializing, or before copying
+        weights in)."""
         embeddings, output = self.tok_embeddings, self.output
         if self.config.tie_embeddings and embeddings is not None and output is not None:
             if output.weight is not embeddings.weight:

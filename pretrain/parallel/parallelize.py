@@ -382,6 +382,8 @@ def init_model_weights(parts: nn.Module | Sequence[nn.Module], cfg: ModelConfig,
     with torch.no_grad():
         for part in parts:
             part.to_empty(device=device)
+            if hasattr(part, "tie_weights"):  # to_empty unties output from tok_embeddings
+                part.tie_weights()
             _init_part(part, cfg, seed)
 
 

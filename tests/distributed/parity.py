@@ -3,6 +3,8 @@
 `train(layout)` runs on every rank of a process group (or alone, without one): the same model,
 initial weights, data and optimizer as every other layout. It returns the per-step losses and,
 on the ranks that hold a full copy of some weights after gathering, those weights by name.
+The loss is the trainer's: chunked (inside the model's forward) for one process and the data
+parallel layouts, the full-logits one under tensor or pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ def train(layout: Layout, steps: int = STEPS) -> dict:
     initial = _full_weights(parts)
     optimizer = build_optimizer(nn.ModuleList(parts), OPTIM, torch.device("cpu"))
     params = [q for part in parts for q in part.parameters()]
+    # As loss=auto in the trainer: the chunked loss wherever one rank holds the whole output.
+    chunked = not dims.tp_enabled and not dims.pp_enabled
     losses, norms = [], []
     for step in range(steps):
         loss_sum = torch.zeros(())
@@ -147,7 +151,9 @@ def train(layout: Layout, steps: int = STEPS) -> dict:
             if pipe is not None:
                 loss_sum += pipeline_step(pipe, x, y) / grad_accum
             else:
-                loss = cross_entropy(parts[0](x), y) / grad_accum
+                model = parts[0]
+                loss = model(x, targets=y) if chunked else cross_entropy(model(x), y)
+                loss = loss / grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
         pp_mesh = mesh["pp"] if dims.pp_enabled else None

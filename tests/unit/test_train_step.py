@@ -105,21 +105,25 @@ def test_halt_names_the_nonfinite_step_though_read_later(cache_dir: Path,
     assert run.counters.step == 5  # read at the log step, 6; steps 4 and 5 ran meanwhile
 
 
-def _losses(cache_dir: Path, tmp_path: Path, loss: str, steps: int = 3) -> list[float]:
-    run = make_run(cache_dir, tmp_path, f"loss-{loss}", f"loss={loss}")
+def _losses(cache_dir: Path, tmp_path: Path, loss: str, *overrides: str) -> list[float]:
+    run = make_run(cache_dir, tmp_path, f"loss-{loss}", f"loss={loss}", *overrides)
     assert run.chunked_loss == (loss == "chunked")
     autocast = autocast_factory(run.cfg.precision, run.device)
     out = []
-    for step in range(steps):
+    for step in range(3):
         run.pending.append(train_step(run, autocast))
         run.counters.step = step + 1
         out.append(settle(run)["train/loss"])
     return out
 
 
-def test_chunked_loss_trains_like_the_full_loss(cache_dir: Path, tmp_path: Path) -> None:
-    chunked = _losses(cache_dir, tmp_path, "chunked")
-    full = _losses(cache_dir, tmp_path, "full")
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_trains_like_the_full_loss(cache_dir: Path, tmp_path: Path,
+                                                tied: bool) -> None:
+    # Tied: the loss's weight gradient and the embedding's add up in one parameter.
+    extra = [f"model.tie_embeddings={str(tied).lower()}"]
+    chunked = _losses(cache_dir, tmp_path, "chunked", *extra)
+    full = _losses(cache_dir, tmp_path, "full", *extra)
     for a, b in zip(chunked, full, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (chunked, full)
     assert chunked[-1] < chunked[0]
