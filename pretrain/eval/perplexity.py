@@ -26,8 +26,10 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    chunked: bool = False,
 ) -> dict[str, float]:
-    """Token-weighted mean loss over `batches` (every window has the same length)."""
+    """Token-weighted mean loss over `batches` (every window has the same length). `chunked`:
+    the model computes the loss from `targets` without the full logits, as in training."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -35,8 +37,11 @@ def evaluate(
         batch = batch.to(device)
         inputs, targets = batch
         with autocast():  # the same document masking as in training, when it is on
-            logits = model(inputs, **batch.model_kwargs())
-        total[0] += cross_entropy(logits, targets).double() * targets.numel()
+            if chunked:
+                loss = model(inputs, targets=targets, **batch.model_kwargs())
+            else:
+                loss = cross_entropy(model(inputs, **batch.model_kwargs()), targets)
+        total[0] += loss.double() * targets.numel()
         total[1] += targets.numel()
     total = all_reduce(total)
     model.train(was_training)

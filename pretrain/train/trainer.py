@@ -588,7 +588,7 @@ def run_eval(run: Run, autocast: Callable[[], Any]) -> dict[str, float]:
             metrics = evaluate_pipeline(run.pipe, batches, **common)
         else:
             model = run.engine if run.engine is not None else run.parts[0]
-            metrics = evaluate(model, batches, **common)
+            metrics = evaluate(model, batches, chunked=run.chunked_loss, **common)
     run.counters.last_val_loss = metrics["val/loss"]
     run.counters.best_val_loss = min(run.counters.best_val_loss, metrics["val/loss"])
     return metrics

@@ -212,3 +212,15 @@ def test_spike_warning_comes_with_the_settled_losses(cache_dir: Path, tmp_path: 
     train_loop(run, autocast_factory(run.cfg.precision, run.device))
     assert "warning: loss spike at step 10" in capfd.readouterr().out
     assert run.counters.skipped_total == 0  # warn only: the update was made
+
+
+def test_validation_with_the_chunked_loss_equals_the_full_logits(cache_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    from pretrain.eval.perplexity import evaluate
+
+    run = make_run(cache_dir, tmp_path, "eval")
+    common = dict(device=run.device, autocast=autocast_factory(run.cfg.precision, run.device))
+    batches = list(run.val_loader.eval_batches(2))
+    full = evaluate(run.parts[0], batches, **common)["val/loss"]
+    chunked = evaluate(run.parts[0], batches, chunked=True, **common)["val/loss"]
+    assert abs(full - chunked) <= 1e-5 * full and math.isfinite(full)
