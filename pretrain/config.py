@@ -317,9 +317,9 @@ class TrainConfig:
     'auto': chunked where the output projection is whole on the rank that computes the loss
     (not with tensor or pipeline parallelism or the DeepSpeed backend), else full."""
     sdpa_backends: list[str] = field(default_factory=list)
-    """Attention kernels SDPA may use, in priority order: flash, cudnn, efficient, math.
-    Empty: on CUDA [flash, cudnn, efficient] (math only if the user lists it), on CPU
-    PyTorch's own choice."""
+    """Attention kernels SDPA may use, in priority order: flash, cudnn, efficient, math (an
+    error at the first step if none of them takes the shape). Empty: on CUDA [flash,
+    efficient, cudnn, math], math only where no fused kernel runs; on CPU PyTorch's choice."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     eval_every: int = 100

@@ -353,10 +353,11 @@ SDPA_KERNELS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-CUDA_SDPA_DEFAULT = ("flash", "efficient", "cudnn")
+CUDA_SDPA_DEFAULT = ("flash", "efficient", "cudnn", "math")
 """Flash for causal attention (the training case), memory-efficient where flash cannot run
-(document masks, fp32, GQA with repeated heads), cuDNN last; no math kernel, which holds the
-(T, T) scores and would silently cost memory."""
+(document masks, fp32, GQA with repeated heads), then cuDNN; the math kernel, which holds the
+(T, T) scores, only where no fused kernel takes the shape (a head dim that is not a multiple
+of 8). List `sdpa_backends` without math to make that case an error instead."""
 
 
 def attention_backends(names: Sequence[str], device_type: str) -> AbstractContextManager:

@@ -213,9 +213,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (names unchanged); every layer shares one compiled graph."""
+    """Compile each block in place (names unchanged); every layer shares one compiled graph.
+    The chunked loss compiles its per-chunk element-wise work (`Transformer.compile_loss`)."""
     for block in model.layers.values():
         block.compile(fullgraph=True)
+    if hasattr(model, "compile_loss"):
+        model.compile_loss = True
 
 
 # ---------------------------------------------------------------------- data parallel

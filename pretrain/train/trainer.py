@@ -555,13 +555,13 @@ def settle(run: Run) -> dict[str, float]:
         for r in records
     ]).tolist()
     for r, (loss, _, finite) in zip(records, values, strict=True):
+        run.counters.last_train_loss = loss
         if not finite:
             handle_nonfinite(run, r.step, loss)
-        elif not r.skipped:
-            run.counters.skipped_in_row = 0
-            if run.cfg.spike_policy == "warn":
-                spike_verdict(run, r.step, loss)
-        run.counters.last_train_loss = loss
+            continue
+        run.counters.skipped_in_row = 0
+        if run.cfg.spike_policy == "warn" and not r.skipped:
+            spike_verdict(run, r.step, loss)
     last, (loss, grad_norm, finite) = records[-1], values[-1]
     return {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": last.lr,
             "data/wait_s": last.data_wait, "train/skipped": float(not finite or last.skipped)}
@@ -685,15 +685,16 @@ def train_loop(run: Run, autocast: Callable[[], Any]) -> str:
         watchdog.arm()
         try:
             record = train_step(run, autocast)
+            run.pending.append(record)
+            log_now = is_log_step(run, record.step)
+            # Reading the numbers waits for the device: inside the timed step, watched.
+            metrics = settle(run) if log_now or run.settle_each_step else {}
         except Rollback as spike:
             watchdog.disarm()
             rollback(run, spike.step)
             continue
-        run.pending.append(record)
-        log_now = is_log_step(run, record.step)
-        # Reading the numbers waits for the device: inside the timed step, under the watchdog.
-        metrics = settle(run) if log_now or run.settle_each_step else {}
-        watchdog.disarm()
+        finally:  # a halt raised here must not leave the watchdog's exit timer armed
+            watchdog.disarm()
         run.counters.step += 1
         run.counters.tokens += run.tokens_per_step
         recent_tokens += run.tokens_per_step

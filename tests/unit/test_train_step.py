@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from pretrain.config import SDPA_BACKENDS, ConfigError, TrainConfig, register_configs, validate
 from pretrain.models.llama import SDPA_KERNELS
+from pretrain.train.guards import StepWatchdog
 from pretrain.train.trainer import (
     NonFiniteError,
     Run,
@@ -95,14 +96,18 @@ def test_nonfinite_step_leaves_weights_and_adam_state_alone(cache_dir: Path,
     assert metrics["train/skipped"] == 1.0 and run.counters.skipped_total == 1
 
 
-def test_halt_names_the_nonfinite_step_though_read_later(cache_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_halt_names_the_nonfinite_step_though_read_later(
+        cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = make_run(cache_dir, tmp_path, "halt", "steps=8", "logging.log_every=6",
                    "faults.nan_at_step=3")
     run.sinks = []
+    calls: list[str] = []
+    monkeypatch.setattr(StepWatchdog, "arm", lambda self: calls.append("arm"))
+    monkeypatch.setattr(StepWatchdog, "disarm", lambda self: calls.append("disarm"))
     with pytest.raises(NonFiniteError, match="at step 3 "):
         train_loop(run, autocast_factory(run.cfg.precision, run.device))
     assert run.counters.step == 5  # read at the log step, 6; steps 4 and 5 ran meanwhile
+    assert calls[-1] == "disarm"  # the halt left no exit timer armed behind it
 
 
 def _losses(cache_dir: Path, tmp_path: Path, loss: str, *overrides: str) -> list[float]:
@@ -179,6 +184,11 @@ def test_compile_defaults_on_only_with_cuda_and_the_native_backend(tmp_path: Pat
     assert not compile_enabled(make_config(tmp_path, "parallel=zero2", world_size=2), cuda)
     assert compile_enabled(make_config(tmp_path, "compile=true"), cpu)
     assert not compile_enabled(make_config(tmp_path, "compile=false"), cuda)
+
+
+def test_compiling_also_compiles_the_loss_chunks(cache_dir: Path, tmp_path: Path) -> None:
+    assert make_run(cache_dir, tmp_path, "compiled", "compile=true").model.compile_loss
+    assert not make_run(cache_dir, tmp_path, "eager").model.compile_loss
 
 
 def test_optimizer_without_device_skip_is_checked_every_step(cache_dir: Path,
