@@ -309,8 +309,8 @@ class TrainConfig:
     """'none', 'full' (recompute every block) or 'selective' (keep matmul outputs)."""
     compile: bool | None = None
     """torch.compile each transformer block. Default (null): on with CUDA and the native
-    backend; off on CPU, where the main job measured no faster compiled (4,547 vs 4,686
-    tokens/s) and paid 36 s of compilation."""
+    backend; off on CPU, where the main job ran slower compiled (4,182 vs 4,686 tokens/s;
+    138 s vs 102 s wall with the cold compilation)."""
     loss: str = "auto"
     """Cross-entropy: 'chunked' (`linear_cross_entropy`: the output projection and the loss
     in chunks of tokens, never the full fp32 logits), 'full' (logits, then cross-entropy), or
