@@ -361,6 +361,12 @@ class TrainConfig:
     """Free-form key/values recorded in summary.json as `sweep` (sweeps set these)."""
 
 
+def output_whole_on_one_rank(p: ParallelConfig) -> bool:
+    """Whether the rank that computes the loss holds the whole output projection, which the
+    chunked loss needs: not under tensor or pipeline parallelism or the DeepSpeed backend."""
+    return p.tp == 1 and p.pp == 1 and p.backend == "native"
+
+
 def default_run_name() -> str:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id != "none":
@@ -459,7 +465,7 @@ def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
                  f"parallel.{name}={getattr(p, name)!r}; use bf16, fp16 or fp32")
     if p.pp > 1:
         _validate_pipeline(cfg, check_schedule)
-    _require(cfg.loss != "chunked" or (p.tp == 1 and p.pp == 1 and p.backend == "native"),
+    _require(cfg.loss != "chunked" or output_whole_on_one_rank(p),
              "loss=chunked needs the whole output projection on the rank that computes the "
              "loss, which tensor/pipeline parallelism and the DeepSpeed backend do not give; "
              "use loss=auto (chunked where it applies) or loss=full")

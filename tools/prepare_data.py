@@ -18,13 +18,12 @@ from typing import Any
 
 from pretrain.data.prepare import prepare
 from pretrain.data.shards import DataError
+from tools.common import add_corpus_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--source", default="builtin",
-                   help="'builtin', a .txt/.jsonl[.gz|.zst]/.parquet file, directory or glob, "
-                        "or hf:NAME[:CONFIG] (default: builtin)")
+    add_corpus_arguments(p)
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -32,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-tokens", type=int, default=1 << 20, help="tokens per shard file")
     p.add_argument("--val-fraction", type=float, default=0.02,
                    help="fraction of documents held out for validation")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/hub data")
-    p.add_argument("--split", default="train", help="split of a hub dataset")
     p.add_argument("--max-bytes", type=int, default=0, help="cap on corpus bytes (0: none)")
     p.add_argument("--dedup", action="store_true",
                    help="drop documents whose text equals an earlier document's")

@@ -12,19 +12,16 @@ import time
 from pretrain.data.prepare import train_tokenizer_from_source
 from pretrain.data.shards import DataError
 from pretrain.data.tokenizer import Tokenizer
+from tools.common import add_corpus_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--source", default="builtin",
-                   help="'builtin', a .txt/.jsonl[.gz|.zst]/.parquet file, directory or glob, "
-                        "or hf:NAME[:CONFIG] (default: builtin)")
+    add_corpus_arguments(p)
     p.add_argument("--out", required=True, help="where to write the .model file")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--sample-bytes", type=int, default=3_000_000,
                    help="corpus bytes to train on, from the start of the source (0: all)")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/hub data")
-    p.add_argument("--split", default="train", help="split of a hub dataset")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:

@@ -327,45 +327,28 @@ def cpu_allocation_high_water(fn: Callable[[], Any]) -> int:
     return high
 
 
-class _Trainee:
-    """One row's model, optimizer and batches, stepped and measured."""
+class _Row:
+    """What every row shares: its name and spec, the timing of its steps, its result. A
+    subclass provides `step()` (returning the loss, left on the device) and `peak_memory()`."""
 
     def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
         self.name, self.spec, self.device = name, ROWS[name], device
-        cfg = model_for(s)
         self.tokens = s.batch_size * s.seq_len
-        if self.spec.impl == "hf":
-            self.model = build_hf(cfg, device, s.seed)
-        else:
-            self.model = build_ours(self.spec, cfg, device, s.seed)
-        self.model.train()
-        self.optimizer = build_adamw(self.model, self.spec, s.optim, device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.max_norm = s.optim.grad_clip if s.optim.grad_clip > 0 else float("inf")
-        self.batches = synthetic_batches(cfg, s, device)
-        self.autocast = autocast_for(s.precision, device)
         # The kernel choice applies to our attention; HF's may pass masks flash cannot take.
-        self.sdpa = s.sdpa if self.spec.impl == "ours" else "auto"
+        self.sdpa = s.sdpa if self.spec.impl != "hf" else "auto"
         self.clock = _Clock(device)
         self.times: list[list[float]] = []
         self.warmup_s = 0.0
         self.last_loss = torch.zeros(())
 
     def step(self) -> Tensor:
-        """One training step; the loss stays on the device (no sync to read it)."""
-        self.clock.mark()
-        inputs, targets = next(self.batches)
-        self.clock.mark()
-        with attention_backends([] if self.sdpa == "auto" else [self.sdpa], self.device.type):
-            with self.autocast():
-                loss = compute_loss(self.model, self.spec, inputs, targets)
-            loss.backward()
-        self.clock.mark()
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.clock.mark()
-        return loss.detach()
+        raise NotImplementedError
+
+    def peak_memory(self) -> tuple[float | None, float | None]:
+        raise NotImplementedError
+
+    def attention(self) -> AbstractContextManager:
+        return attention_backends([] if self.sdpa == "auto" else [self.sdpa], self.device.type)
 
     def warm_up(self, steps: int) -> None:
         start = time.perf_counter()
@@ -382,18 +365,6 @@ class _Trainee:
         _sync(self.device)
         total = time.perf_counter() - start
         self.times.append([total, *self.clock.intervals()])
-
-    def peak_memory(self) -> tuple[float, float]:
-        """(bytes resident before a step, peak bytes during it), from one more step."""
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            static = torch.cuda.memory_allocated(self.device)
-            self.step()
-            _sync(self.device)
-            return static, torch.cuda.max_memory_allocated(self.device)
-        static = _resident_bytes(self.model, self.optimizer)
-        return static, static + cpu_allocation_high_water(self.step)
 
     def result(self, memory: bool) -> RowResult:
         """The row's figures; `mfu` is left for `run_bench`, which knows the final peak."""
@@ -412,7 +383,53 @@ class _Trainee:
         )
 
 
-class _KernelFloor(_Trainee):
+class _Trainee(_Row):
+    """One row's model, optimizer and batches, stepped and measured."""
+
+    def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
+        super().__init__(name, s, device)
+        cfg = model_for(s)
+        if self.spec.impl == "hf":
+            self.model = build_hf(cfg, device, s.seed)
+        else:
+            self.model = build_ours(self.spec, cfg, device, s.seed)
+        self.model.train()
+        self.optimizer = build_adamw(self.model, self.spec, s.optim, device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.max_norm = s.optim.grad_clip if s.optim.grad_clip > 0 else float("inf")
+        self.batches = synthetic_batches(cfg, s, device)
+        self.autocast = autocast_for(s.precision, device)
+
+    def step(self) -> Tensor:
+        """One training step; the loss stays on the device (no sync to read it)."""
+        self.clock.mark()
+        inputs, targets = next(self.batches)
+        self.clock.mark()
+        with self.attention():
+            with self.autocast():
+                loss = compute_loss(self.model, self.spec, inputs, targets)
+            loss.backward()
+        self.clock.mark()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clock.mark()
+        return loss.detach()
+
+    def peak_memory(self) -> tuple[float, float]:
+        """(bytes resident before a step, peak bytes during it), from one more step."""
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            static = torch.cuda.memory_allocated(self.device)
+            self.step()
+            _sync(self.device)
+            return static, torch.cuda.max_memory_allocated(self.device)
+        static = _resident_bytes(self.model, self.optimizer)
+        return static, static + cpu_allocation_high_water(self.step)
+
+
+class _KernelFloor(_Row):
     """A step that runs only the kernels a LLaMA step cannot avoid, on the step's shapes in the
     compute dtype: per block, each projection's forward GEMM and its two backward GEMMs
     (input and weight gradients) and causal SDPA forward + backward; then the output
@@ -421,9 +438,8 @@ class _KernelFloor(_Trainee):
     transformers'), which makes it the ceiling of "ours / transformers" on this machine."""
 
     def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
-        self.name, self.spec, self.device = name, ROWS[name], device
+        super().__init__(name, s, device)
         cfg = model_for(s)
-        self.tokens = s.batch_size * s.seq_len
         dtype = torch.float32 if s.precision == "fp32" else torch.bfloat16
         model = build_model(cfg, device="meta")
         block = model.layers["0"]
@@ -446,16 +462,12 @@ class _KernelFloor(_Trainee):
         for t in self.qkv:
             t.requires_grad_(True)
         self.attn_grad = randn(*q_shape)
-        self.sdpa = s.sdpa
-        self.clock = _Clock(device)
-        self.times = []
-        self.warmup_s = 0.0
-        self.last_loss = torch.full((), math.nan)
+        self.last_loss = torch.full((), math.nan)  # nothing is trained
 
     def step(self) -> Tensor:
         self.clock.mark()
         self.clock.mark()  # no data
-        with attention_backends([] if self.sdpa == "auto" else [self.sdpa], self.device.type):
+        with self.attention():
             for _ in range(self.n_layers):
                 for x, w, g in self.block_gemms:
                     x @ w.t(), g @ w, g.t() @ x
@@ -475,7 +487,7 @@ class _KernelFloor(_Trainee):
         return None, None  # not a training step: its memory means nothing
 
 
-def _trainee(name: str, s: BenchSettings, device: torch.device) -> _Trainee:
+def _trainee(name: str, s: BenchSettings, device: torch.device) -> _Row:
     return (_KernelFloor if ROWS[name].impl == "kernels" else _Trainee)(name, s, device)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from pretrain.config import TrainConfig
+from pretrain.config import TrainConfig, output_whole_on_one_rank
 from pretrain.data.build import PreparedData, build_loader, ensure_data
 from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.tokenizer import Tokenizer
@@ -134,10 +133,6 @@ class Run:
     preempt: PreemptionHandler = field(default_factory=PreemptionHandler)
     start_step: int = 0
     """The step this process started (or resumed) at: injected faults fire on a first attempt."""
-    chunked_loss: bool = False
-    """The model computes the loss itself, chunk by chunk (`TrainConfig.loss`)."""
-    attention: Callable[[], Any] = contextlib.nullcontext
-    """The SDPA kernel choice (`TrainConfig.sdpa_backends`), entered around forward+backward."""
     pending: list[StepRecord] = field(default_factory=list)
     """Steps whose device numbers the host has not read yet (see `settle`)."""
     last_ckpt_time: float = field(default_factory=time.time)
@@ -149,6 +144,16 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.global_batch_size * self.cfg.seq_len
+
+    @property
+    def chunked_loss(self) -> bool:
+        """The model computes the loss itself, chunk by chunk (`TrainConfig.loss`)."""
+        return uses_chunked_loss(self.cfg)
+
+    def attention(self) -> contextlib.AbstractContextManager:
+        """The SDPA kernel choice (`TrainConfig.sdpa_backends`), entered around forward and
+        backward."""
+        return attention_backends(self.cfg.sdpa_backends, self.device.type)
 
     @property
     def settle_each_step(self) -> bool:
@@ -301,17 +306,13 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         checkpointer=ckpt.Checkpointer(run_dir / "checkpoints", keep=cfg.ckpt_keep,
                                        async_save=cfg.ckpt_async),
         spike=SpikeDetector(window=cfg.spike_window, threshold=cfg.spike_threshold),
-        chunked_loss=uses_chunked_loss(cfg),
-        attention=functools.partial(attention_backends, cfg.sdpa_backends, device.type),
     )
 
 
 def uses_chunked_loss(cfg: TrainConfig) -> bool:
     """loss=auto: chunked where one rank holds the whole output projection (validate() has
     refused loss=chunked elsewhere)."""
-    p = cfg.parallel
-    whole = p.tp == 1 and p.pp == 1 and p.backend == "native"
-    return cfg.loss == "chunked" or (cfg.loss == "auto" and whole)
+    return cfg.loss == "chunked" or (cfg.loss == "auto" and output_whole_on_one_rank(cfg.parallel))
 
 
 def trainer_state(run: Run) -> dict[str, Any]:

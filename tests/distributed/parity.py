@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from pretrain.config import ModelConfig, OptimConfig, ParallelConfig
+from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, output_whole_on_one_rank
 from pretrain.eval.perplexity import cross_entropy
 from pretrain.models.llama import build_model
 from pretrain.parallel.dims import ParallelDims
@@ -140,8 +140,7 @@ def train(layout: Layout, steps: int = STEPS) -> dict:
     initial = _full_weights(parts)
     optimizer = build_optimizer(nn.ModuleList(parts), OPTIM, torch.device("cpu"))
     params = [q for part in parts for q in part.parameters()]
-    # As loss=auto in the trainer: the chunked loss wherever one rank holds the whole output.
-    chunked = not dims.tp_enabled and not dims.pp_enabled
+    chunked = output_whole_on_one_rank(p)  # as loss=auto in the trainer
     losses, norms = [], []
     for step in range(steps):
         loss_sum = torch.zeros(())
