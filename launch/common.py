@@ -7,7 +7,9 @@ from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.config import ConfigError, TrainConfig, validate
+from pretrain.config import TrainConfig
+from pretrain.errors import ConfigError
+from pretrain.validate import validate
 
 
 def fail(message: str) -> NoReturn:

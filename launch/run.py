@@ -22,7 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from launch.common import checked_config
-from pretrain.config import ConfigError, LauncherConfig, register_configs
+from pretrain.config import LauncherConfig, register_configs
+from pretrain.errors import ConfigError
 
 register_configs()
 

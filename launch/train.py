@@ -28,7 +28,7 @@ def hydra_main(dcfg: DictConfig) -> float:
         OmegaConf.save(dcfg, run_dir / "config.yaml", resolve=True)
 
     from pretrain.data.shards import DataError  # heavy imports after the config is good
-    from pretrain.train.checkpoint import CheckpointError
+    from pretrain.errors import CheckpointError
     from pretrain.train.trainer import train
 
     try:

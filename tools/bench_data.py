@@ -31,9 +31,10 @@ import numpy as np
 
 from pretrain.data.loader import ShardedWindowLoader
 from pretrain.data.prepare import prepare, train_tokenizer_from_source
-from pretrain.data.shards import DataError, write_manifest, write_shard
+from pretrain.data.shards import write_manifest, write_shard
 from pretrain.data.sources import iter_documents
 from pretrain.data.tokenizer import EOS_ID, Tokenizer
+from pretrain.errors import DataError
 
 
 @dataclass

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrain.train.checkpoint import CheckpointError, consolidate
+from pretrain.errors import CheckpointError
+from pretrain.train.checkpoint import consolidate
 
 
 def main(argv: list[str] | None = None) -> int:

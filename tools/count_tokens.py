@@ -16,8 +16,8 @@ import argparse
 import os
 import sys
 
-from pretrain.data.shards import DataError
 from pretrain.data.stats import SplitCount, count_corpus, count_prepared, plot_lengths
+from pretrain.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

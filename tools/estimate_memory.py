@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from pretrain.config import ConfigError, TrainConfig, register_configs, validate
+from pretrain.config import TrainConfig, register_configs
+from pretrain.errors import ConfigError
+from pretrain.validate import validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

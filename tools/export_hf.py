@@ -12,8 +12,9 @@ import sys
 import torch
 
 from pretrain.config import ModelConfig
+from pretrain.errors import CheckpointError
 from pretrain.interop.hf import export_hf
-from pretrain.train.checkpoint import CheckpointError, load_model_for_export
+from pretrain.train.checkpoint import load_model_for_export
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

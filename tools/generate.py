@@ -10,10 +10,10 @@ import sys
 
 import torch
 
-from pretrain.data.shards import DataError
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import CheckpointError, DataError
 from pretrain.eval.generate import generate
-from pretrain.train.checkpoint import CheckpointError, load_model_from_checkpoint
+from pretrain.train.checkpoint import load_model_from_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

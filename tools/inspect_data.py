@@ -28,8 +28,9 @@ from omegaconf import OmegaConf
 from pretrain.config import DataConfig
 from pretrain.data.build import PreparedData, build_loader, ensure_data
 from pretrain.data.inspect import render, views_at_step
-from pretrain.data.shards import DataError, read_manifest
+from pretrain.data.shards import read_manifest
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import DataError
 
 
 @dataclass

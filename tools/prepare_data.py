@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from pretrain.data.prepare import prepare
-from pretrain.data.shards import DataError
+from pretrain.errors import DataError
 from tools.common import add_corpus_arguments
 
 

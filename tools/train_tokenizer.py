@@ -10,8 +10,8 @@ import sys
 import time
 
 from pretrain.data.prepare import train_tokenizer_from_source
-from pretrain.data.shards import DataError
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import DataError
 from tools.common import add_corpus_arguments
 
 

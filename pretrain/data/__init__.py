@@ -15,16 +15,10 @@ from pretrain.data.mixture import MixEntry, data_config_errors, normalize_weight
 # `prepare` (the function) is not re-exported: it would shadow the `pretrain.data.prepare`
 # module for attribute lookups such as mock.patch("pretrain.data.prepare.write_shard").
 from pretrain.data.prepare import ensure_prepared, is_val_document, train_tokenizer_from_source
-from pretrain.data.shards import (
-    DataError,
-    Shard,
-    read_manifest,
-    read_shard,
-    write_manifest,
-    write_shard,
-)
+from pretrain.data.shards import Shard, read_manifest, read_shard, write_manifest, write_shard
 from pretrain.data.sources import SourceStats, describe_source, iter_documents
 from pretrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+from pretrain.errors import DataError
 
 if TYPE_CHECKING:
     from pretrain.data.build import PreparedData, build_loader, ensure_data

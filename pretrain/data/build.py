@@ -17,8 +17,9 @@ import torch
 from pretrain.data.loader import ShardedWindowLoader
 from pretrain.data.mixture import MixEntry, data_config_errors, parse_mix
 from pretrain.data.prepare import ensure_prepared
-from pretrain.data.shards import DataError, read_manifest
+from pretrain.data.shards import read_manifest
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import DataError
 
 if TYPE_CHECKING:
     from pretrain.config import DataConfig

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pretrain.data.loader import ShardedWindowLoader
-from pretrain.data.shards import DataError
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import DataError
 
 BOUNDARY = "─" * 24 + " document boundary " + "─" * 24
 EOS_MARK = "</s>"

@@ -30,8 +30,8 @@ import torch
 from pretrain.data.masking import block_causal_mask, document_positions
 from pretrain.data.mixture import assign_sources, mix_offset, normalize_weights, slice_bounds
 from pretrain.data.prefetch import Prefetcher
-from pretrain.data.shards import DataError
 from pretrain.data.windows import WindowSource
+from pretrain.errors import DataError
 
 STATE_VERSION = 2
 _DATA_CHANGE_HINT = ("resume with the data and seq_len it was saved with, or set "

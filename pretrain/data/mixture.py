@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pretrain.data.shards import DataError
+from pretrain.errors import DataError
 
 if TYPE_CHECKING:
     from pretrain.config import DataConfig

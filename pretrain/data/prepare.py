@@ -35,13 +35,13 @@ from pretrain.data.shards import (
     FORMAT_VERSION,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
-    DataError,
     dtype_for_vocab,
     read_manifest,
     write_manifest,
 )
 from pretrain.data.sources import SourceStats, describe_source, iter_documents
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.errors import DataError
 
 if TYPE_CHECKING:  # importing the config pulls in Hydra, which spawned workers don't need
     from pretrain.config import DataConfig

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.data.shards import DataError, atomic_write, read_shard, write_shard
+from pretrain.data.shards import atomic_write, read_shard, write_shard
+from pretrain.errors import DataError
 
 PROGRESS_NAME = "prepare.progress.json"
 

@@ -38,6 +38,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from pretrain.errors import DataError
+
 MAGIC = b"PTSHARD1"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIIIQQ16s8x")
@@ -47,10 +49,6 @@ _DTYPES = {1: np.dtype(np.uint16), 2: np.dtype(np.uint32)}
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "pretrain-shards"
 PREPARE_HINT = "run `pretrain-prepare-data` (tools/prepare_data.py) to prepare it"
-
-
-class DataError(ValueError):
-    """A user error in the data: the message names the file or thing and the fix."""
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pretrain.data.builtin import describe_builtin, iter_builtin_documents
-from pretrain.data.shards import DataError
+from pretrain.errors import DataError
 
 JSONL_EXTENSIONS = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 EXTENSIONS = (".txt", *JSONL_EXTENSIONS, ".parquet")

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from pretrain.data.shards import DataError, atomic_write
+from pretrain.data.shards import atomic_write
+from pretrain.errors import DataError
 
 # The one place the special ids are fixed; every tokenizer trained here uses them.
 PAD_ID = 0

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.data.shards import PREPARE_HINT, DataError, Shard, read_manifest, read_shard
+from pretrain.data.shards import PREPARE_HINT, Shard, read_manifest, read_shard
+from pretrain.errors import DataError
 
 _ROUNDS = 4
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 from pretrain.train import checkpoint as ckpt
 
 DS_TAG = "deepspeed"

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 
 @dataclass

@@ -31,7 +31,7 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 # Schedules that run one stage per rank; every other one runs `pp_virtual_stages` per rank.
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")

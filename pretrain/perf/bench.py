@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from pretrain.config import ModelConfig, OptimConfig, validate_model
+from pretrain.config import ModelConfig, OptimConfig
 from pretrain.eval.perplexity import cross_entropy
 from pretrain.models.llama import (
     SDPA_KERNELS,
@@ -53,6 +53,7 @@ from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
 from pretrain.train.metrics import GPU_BF16_PEAK, gpu_peak_flops, measure_cpu_bf16_flops
 from pretrain.train.optim import build_optimizer
+from pretrain.validate import validate_model
 
 __all__ = [
     "DEFAULT_ROWS",

@@ -40,14 +40,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from pretrain.errors import CheckpointError
+
 STEP_PREFIX = "step_"
 INTEGRITY = "integrity.json"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 # Optimizer state keyed by parameter name, not by group index: pipeline stages each own groups

@@ -37,6 +37,7 @@ from pretrain.config import TrainConfig, output_whole_on_one_rank
 from pretrain.data.build import PreparedData, build_loader, ensure_data
 from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import NonFiniteError
 from pretrain.eval.generate import generate
 from pretrain.eval.perplexity import cross_entropy, evaluate
 from pretrain.models.llama import (
@@ -67,10 +68,6 @@ from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
 from pretrain.train.loggers import Sink, build_sinks
 from pretrain.train.metrics import device_peak_flops, peak_memory_gb
 from pretrain.train.optim import build_optimizer, build_schedule
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient norm and the policy says halt."""
 
 
 class Rollback(Exception):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, validate
+from pretrain.config import ModelConfig, ParallelConfig, TrainConfig
+from pretrain.errors import ConfigError
 from pretrain.parallel.deepspeed_backend import deepspeed_config
+from pretrain.validate import validate
 
 
 def _cfg(**parallel: object) -> TrainConfig:

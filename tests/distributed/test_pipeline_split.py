@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.config import ConfigError, ModelConfig
+from pretrain.config import ModelConfig
+from pretrain.errors import ConfigError
 from pretrain.models.llama import build_model
 from pretrain.parallel.pipeline import pipeline_split, stage_ids, stage_layers
 

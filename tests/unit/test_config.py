@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.config import ConfigError, TrainConfig, validate
+from pretrain.config import TrainConfig
+from pretrain.errors import ConfigError
 from pretrain.parallel.dims import ParallelDims
+from pretrain.validate import validate
 
 
 def test_default_config_is_valid() -> None:

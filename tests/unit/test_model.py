@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pretrain.config import ModelConfig, validate_model
+from pretrain.config import ModelConfig
 from pretrain.models.llama import (
     KVCache,
     Transformer,
@@ -25,6 +25,7 @@ from pretrain.models.llama import (
     flops_per_token,
     rope_table,
 )
+from pretrain.validate import validate_model
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 

@@ -13,18 +13,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
-from pretrain.config import SDPA_BACKENDS, ConfigError, TrainConfig, register_configs, validate
+from pretrain.config import SDPA_BACKENDS, TrainConfig, register_configs
+from pretrain.errors import ConfigError, NonFiniteError
 from pretrain.models.llama import SDPA_KERNELS
 from pretrain.train.guards import StepWatchdog
-from pretrain.train.trainer import (
-    NonFiniteError,
-    Run,
-    autocast_factory,
-    settle,
-    setup,
-    train_loop,
-    train_step,
-)
+from pretrain.train.trainer import Run, autocast_factory, settle, setup, train_loop, train_step
+from pretrain.validate import validate
 from tests.conftest import REPO, TINY
 
 # Tensor methods that make the host wait for the device (on a GPU): reading a value.
