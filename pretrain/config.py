@@ -320,8 +320,10 @@ class TrainConfig:
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     eval_every: int = 100
     """Steps between validation passes (0: only at the end)."""
-    eval_batches: int = 8
-    """Micro-batches per validation pass."""
+    eval_windows: int = 64
+    """Validation windows per evaluation, over all ranks: the first `eval_windows` windows of
+    the validation split, the same set on every layout, so the validation loss of the same
+    weights does not depend on the number of ranks or the micro-batch size."""
     ckpt_every: int = 100
     """Steps between checkpoints (0: only at the end)."""
     ckpt_keep: int = 2

@@ -27,7 +27,7 @@ TINY = [
     "precision=fp32",
     "logging=none",
     "logging.progress_bar=false",
-    "eval_batches=2",
+    "eval_windows=8",
     "sample_prompts=[]",
     "optim.warmup_steps=2",
 ]

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from pretrain.errors import CheckpointError
-from pretrain.train.checkpoint import consolidate
+from pretrain.train.consolidate import consolidate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import torch
 from pretrain.config import ModelConfig
 from pretrain.errors import CheckpointError
 from pretrain.interop.hf import export_hf
-from pretrain.train.checkpoint import load_model_for_export
+from pretrain.train.consolidate import load_model_for_export
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

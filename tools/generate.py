@@ -13,7 +13,7 @@ import torch
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import CheckpointError, DataError
 from pretrain.eval.generate import generate
-from pretrain.train.checkpoint import load_model_from_checkpoint
+from pretrain.train.consolidate import load_model_from_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,15 +7,10 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pretrain.data.loader import Batch
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32; logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+from pretrain.models.loss import cross_entropy
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.config import ModelConfig
-from pretrain.perf.loss import linear_cross_entropy
+from pretrain.models.loss import linear_cross_entropy
 
 __all__ = [
     "Attention",
@@ -482,7 +482,7 @@ class Transformer(nn.Module):
         kv_cache: decode incrementally: T new tokens attend to the cached ones, and the cache
             advances by T.
         return_hidden: stop after the final norm, for a loss that applies `output` itself
-            without materializing the logits (`pretrain.perf.loss.linear_cross_entropy`).
+            without materializing the logits (`pretrain.models.loss.linear_cross_entropy`).
         targets: (B, T) next-token ids: return their mean cross-entropy (fp32 scalar), computed
             by `linear_cross_entropy` in chunks of tokens, so the full logits never exist. It
             runs inside this forward so that a wrapper that gathers `output.weight` around the

@@ -357,8 +357,8 @@ def measure_cpu_peak(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int,
     """
     import torch
 
-    from pretrain.eval.perplexity import cross_entropy
     from pretrain.models.llama import build_model
+    from pretrain.models.loss import cross_entropy
     from pretrain.parallel.parallelize import apply_activation_checkpointing, init_model_weights
     from pretrain.train.optim import build_optimizer
 

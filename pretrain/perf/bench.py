@@ -41,7 +41,6 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from pretrain.config import ModelConfig, OptimConfig
-from pretrain.eval.perplexity import cross_entropy
 from pretrain.models.llama import (
     SDPA_KERNELS,
     attention_backends,
@@ -49,6 +48,7 @@ from pretrain.models.llama import (
     count_params,
     flops_per_token,
 )
+from pretrain.models.loss import cross_entropy
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
 from pretrain.train.metrics import GPU_BF16_PEAK, gpu_peak_flops, measure_cpu_bf16_flops

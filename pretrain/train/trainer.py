@@ -39,7 +39,7 @@ from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import NonFiniteError
 from pretrain.eval.generate import generate
-from pretrain.eval.perplexity import cross_entropy, evaluate
+from pretrain.eval.perplexity import evaluate
 from pretrain.models.llama import (
     attention_backends,
     build_model,
@@ -47,6 +47,7 @@ from pretrain.models.llama import (
     count_params,
     flops_per_token,
 )
+from pretrain.models.loss import cross_entropy
 from pretrain.parallel import deepspeed_backend as ds
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
 from pretrain.parallel.parallelize import (

@@ -18,8 +18,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, output_whole_on_one_rank
-from pretrain.eval.perplexity import cross_entropy
 from pretrain.models.llama import build_model
+from pretrain.models.loss import cross_entropy
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import (
     clip_grad_norm_,

@@ -7,8 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from pretrain.eval.perplexity import cross_entropy
 from pretrain.models.llama import build_model
+from pretrain.models.loss import cross_entropy
 from pretrain.parallel import deepspeed_backend as ds
 from pretrain.parallel.parallelize import clean_fqn, init_model_weights
 from pretrain.train.optim import build_optimizer

@@ -17,7 +17,7 @@ from tests.distributed.test_launch import STEPS, torchrun
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from pretrain.train.checkpoint import load_model_for_export
+    from pretrain.train.consolidate import load_model_for_export
 
     return load_model_for_export(path)[0]
 

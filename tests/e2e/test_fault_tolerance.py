@@ -20,7 +20,7 @@ COMMON = (f"steps={STEPS}", "ckpt_every=4", "ckpt_keep=0", "eval_every=0", "logg
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from pretrain.train.checkpoint import load_model_for_export
+    from pretrain.train.consolidate import load_model_for_export
 
     return load_model_for_export(run_dir)[0]
 
@@ -111,7 +111,7 @@ def test_nan_step_is_skipped_without_touching_weights(cache_dir: Path, tmp_path:
               "faults.nan_at_step=5")
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["status"] == "completed"
-    from pretrain.train.checkpoint import load_model_for_export
+    from pretrain.train.consolidate import load_model_for_export
 
     before = load_model_for_export(tmp_path / "nan" / "checkpoints" / "step_00000004")[0]
     after = load_model_for_export(tmp_path / "nan" / "checkpoints" / "step_00000005")[0]

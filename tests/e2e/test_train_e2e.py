@@ -14,7 +14,7 @@ from tests.conftest import read_metrics, run_train, step_losses
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from pretrain.train.checkpoint import load_model_for_export
+    from pretrain.train.consolidate import load_model_for_export
 
     state_dict, _ = load_model_for_export(run_dir)
     return state_dict
@@ -116,7 +116,7 @@ def test_export_consolidate_and_generate_tools(tiny_run: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     transformers = pytest.importorskip("transformers")
     from pretrain.data.tokenizer import Tokenizer
-    from pretrain.train.checkpoint import load_model_from_checkpoint
+    from pretrain.train.consolidate import load_model_from_checkpoint
     from tools.consolidate_checkpoint import main as consolidate_main
     from tools.export_hf import main as export_main
     from tools.generate import main as generate_main

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.eval.perplexity import cross_entropy
 from pretrain.models.llama import build_model
+from pretrain.models.loss import cross_entropy, default_chunk_tokens, linear_cross_entropy
 from pretrain.perf.bench import cpu_allocation_high_water
-from pretrain.perf.loss import default_chunk_tokens, linear_cross_entropy
 
 
 def leaves(N: int = 150, D: int = 24, V: int = 320, seed: int = 0,

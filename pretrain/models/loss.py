@@ -1,4 +1,5 @@
-"""Cross-entropy of the output projection without materializing the full logits.
+"""The losses: next-token cross-entropy on logits, and of the output projection without
+materializing the full logits.
 
 The plain loss, `cross_entropy(output(h), targets)`, holds (N, V) logits in the compute dtype,
 their fp32 copy, the log-softmax and its gradient at once: for N = 8 x 512 tokens and V = 8192
@@ -27,7 +28,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["default_chunk_tokens", "linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "cross_entropy", "default_chunk_tokens", "linear_cross_entropy"]
+
+IGNORE_INDEX = -100
+"""The target id every loss here skips (PyTorch's default `ignore_index`): padding rows of an
+evaluation batch carry it."""
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token loss in fp32 over the targets that are not IGNORE_INDEX; logits (B, T, V),
+    targets (B, T)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=IGNORE_INDEX)
 
 # Logits per chunk (16 MiB in fp32): small next to a block's activations, so the loss does not
 # set the step's peak memory; at least _MIN_CHUNK rows, so each chunk's matmuls stay efficient.
