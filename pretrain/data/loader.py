@@ -16,6 +16,10 @@ the state), and the state advances only when a batch is handed out, so the windo
 position are the same for any number of workers. Threads rather than processes: reading a batch
 is copying tokens out of memory-mapped shards, which numpy does without holding the GIL, so
 threads overlap it with the training step without pickling every batch through a pipe.
+
+Validation (`eval_windows`) reads a fixed set, the first ``n`` windows of the split in stream
+order, whatever the layout: ranks pad their last batch with rows whose targets are all
+IGNORE_INDEX, so every rank runs the same number of full batches.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pretrain.data.mixture import assign_sources, mix_offset, normalize_weights,
 from pretrain.data.prefetch import Prefetcher
 from pretrain.data.windows import WindowSource
 from pretrain.errors import DataError
+from pretrain.models.loss import IGNORE_INDEX
 
 STATE_VERSION = 2
 _DATA_CHANGE_HINT = ("resume with the data and seq_len it was saved with, or set "
@@ -252,25 +257,39 @@ class ShardedWindowLoader:
         """Stop the prefetch threads."""
         self._reset_prefetch()
 
-    def eval_batches(self, n: int, source: str | None = None) -> Iterator[Batch]:
-        """`n` fixed batches for evaluation, the same in every run: each source's windows in
-        stream order from window 0 (wrapping around a small split), mixed by weight (or only
-        `source`'s), sliced by rank like training batches. The training position is untouched.
+    def eval_windows(self, n_windows: int, source: str | None = None) -> Iterator[Batch]:
+        """This rank's micro-batches of the first `n_windows` validation windows, the same set
+        in every run and on every layout: each source's windows in stream order from window 0
+        (wrapping around a small split), mixed by weight (or only `source`'s).
+
+        Eval position ``p < n_windows`` is a real window; batch ``i`` of rank ``r`` holds
+        positions ``[i * g + r * mb, i * g + (r + 1) * mb)`` with ``g = mb * dp_size``. Every
+        rank yields ``ceil(n_windows / g)`` full batches, because sharded and replicated models
+        run collectives in forward and no rank may skip one: positions past `n_windows` are
+        padding rows, which repeat a real window (doc ids and positions included) with every
+        target IGNORE_INDEX. A loss summed over the targets that are not IGNORE_INDEX, across
+        ranks, is therefore the same for any dp_size and micro-batch size. The training
+        position is untouched.
         """
-        g = self.global_batch_windows
-        positions = np.arange(n * g)
+        if n_windows <= 0:
+            raise ValueError(f"need n_windows > 0; got {n_windows}")
+        g, mb = self.global_batch_windows, self.micro_batch_size
+        positions = np.arange(n_windows)
         if source is None:
             sources = assign_sources(positions, self._bounds, np.uint64(0))
         else:
-            sources = np.full(n * g, self._index(source))
-        k = np.empty_like(positions)
+            sources = np.full(n_windows, self._index(source))
+        windows = np.empty_like(positions)
         for s, src in enumerate(self.sources):
             at = sources == s
-            k[at] = np.arange(int(at.sum())) % src.windows_per_epoch
-        for i in range(n):
-            first = i * g + self.dp_rank * self.micro_batch_size
-            rows = slice(first, first + self.micro_batch_size)
-            yield self.read(Rows(sources[rows], k[rows]))
+            windows[at] = np.arange(int(at.sum())) % src.windows_per_epoch
+        for i in range(-(-n_windows // g)):
+            rows = i * g + self.dp_rank * mb + np.arange(mb)
+            padding = rows >= n_windows
+            rows = rows % n_windows  # a padding row reads some real window
+            batch = self.read(Rows(sources[rows], windows[rows]))
+            batch.targets[torch.from_numpy(padding)] = IGNORE_INDEX
+            yield batch
 
     def _index(self, name: str) -> int:
         if name not in self.names:

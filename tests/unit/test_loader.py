@@ -22,6 +22,7 @@ from pretrain.data import (
 )
 from pretrain.data.prepare import prepare, train_tokenizer_from_source
 from pretrain.data.windows import permute
+from pretrain.models.loss import IGNORE_INDEX
 
 VOCAB = 400
 SEQ = 16
@@ -162,18 +163,88 @@ def test_permute_is_a_bijection(n: int) -> None:
         assert not np.array_equal(out, permute(np.arange(n), n, seed=0, epoch=1))
 
 
-def test_eval_batches_are_fixed_and_in_order(data_dir: Path) -> None:
+def test_eval_windows_are_fixed_and_in_order(data_dir: Path) -> None:
     val = make(data_dir, "val", micro_batch_size=2, seed=1)
     tokens = stream(data_dir, "val")
-    first = list(val.eval_batches(3))
-    assert same(first, list(val.eval_batches(3))) and val.cursor == 0
-    assert same(first, list(make(data_dir, "val", micro_batch_size=2, seed=7).eval_batches(3)))
+    first = list(val.eval_windows(6))
+    assert len(first) == 3 and (torch.cat([b.targets for b in first]) != IGNORE_INDEX).all()
+    assert same(first, list(val.eval_windows(6))) and val.cursor == 0
+    assert same(first, list(make(data_dir, "val", micro_batch_size=2, seed=7).eval_windows(6)))
     np.testing.assert_array_equal(first[0].inputs[0].numpy(), tokens[:SEQ])
     np.testing.assert_array_equal(first[1].inputs[1].numpy(), tokens[3 * SEQ:4 * SEQ])
+    np.testing.assert_array_equal(first[1].targets[1].numpy(), tokens[3 * SEQ + 1:4 * SEQ + 1])
     ranks = [make(data_dir, "val", micro_batch_size=1, dp_rank=r, dp_size=2) for r in range(2)]
-    split = [list(r.eval_batches(3)) for r in ranks]
+    split = [list(r.eval_windows(6)) for r in ranks]
     for i, batch in enumerate(first):
         assert same([cat([split[0][i], split[1][i]])], [batch])
+    with pytest.raises(ValueError, match="n_windows > 0"):
+        next(val.eval_windows(0))
+
+
+def rows_of(batch: Batch) -> list[Batch]:
+    return [Batch(*(None if t is None else t[j:j + 1] for t in (batch.inputs, batch.targets,
+                                                                  batch.doc_ids, batch.positions)))
+            for j in range(len(batch.inputs))]
+
+
+@pytest.mark.parametrize("n_windows", [1, 5, 12, 13])
+def test_eval_windows_are_the_same_set_on_every_layout(data_dir: Path, n_windows: int) -> None:
+    """Every rank yields the same number of full batches; the real rows of all ranks, in eval
+    position order, are the same windows for any dp_size and micro_batch_size; padding rows
+    repeat a real window (document ids and positions included) and predict nothing."""
+    kw = dict(document_masking=True, restart_positions=True)
+    reference = [b for b in make(data_dir, "val", micro_batch_size=1, **kw)
+                 .eval_windows(n_windows)]
+    assert len(reference) == n_windows
+    for dp in (1, 2, 3):
+        for mb in (1, 2, 4):
+            ranks = [list(make(data_dir, "val", micro_batch_size=mb, dp_rank=r, dp_size=dp, **kw)
+                          .eval_windows(n_windows)) for r in range(dp)]
+            n_batches = -(-n_windows // (dp * mb))
+            assert [len(batches) for batches in ranks] == [n_batches] * dp
+            real, padding = [], []
+            for i in range(n_batches):
+                for r in range(dp):
+                    assert ranks[r][i].inputs.shape == (mb, SEQ)
+                    for j, row in enumerate(rows_of(ranks[r][i])):
+                        pad = i * dp * mb + r * mb + j >= n_windows
+                        (padding if pad else real).append(row)
+            assert same(real, reference), (dp, mb)
+            assert len(padding) == n_batches * dp * mb - n_windows
+            for row in padding:
+                assert (row.targets == IGNORE_INDEX).all()
+                assert any(same([Batch(row.inputs, ref.targets, row.doc_ids, row.positions)],
+                                [ref]) for ref in reference)
+
+
+def test_eval_loss_over_real_targets_does_not_depend_on_the_layout(data_dir: Path) -> None:
+    """A token-weighted loss summed over ranks (skipping IGNORE_INDEX) is layout-free, even
+    where some ranks hold only padding."""
+    logits_of = torch.randn(VOCAB, VOCAB, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0))
+
+    def loss(dp: int, mb: int) -> float:
+        total, count = 0.0, 0
+        for r in range(dp):
+            for b in make(data_dir, "val", micro_batch_size=mb, dp_rank=r,
+                          dp_size=dp).eval_windows(7):
+                total += torch.nn.functional.cross_entropy(
+                    logits_of[b.inputs].flatten(0, 1), b.targets.flatten(),
+                    ignore_index=IGNORE_INDEX, reduction="sum").item()
+                count += int((b.targets != IGNORE_INDEX).sum())
+        assert count == 7 * SEQ
+        return total / count
+
+    single = loss(1, 1)
+    for dp, mb in ((1, 4), (2, 2), (3, 4), (2, 8)):
+        assert loss(dp, mb) == pytest.approx(single, rel=1e-12)
+
+
+def test_eval_windows_wrap_around_a_small_split(data_dir: Path) -> None:
+    val = make(data_dir, "val", micro_batch_size=1)
+    n = val.windows_per_epoch
+    batches = list(val.eval_windows(n + 2))
+    assert same(batches[n:], batches[:2])
 
 
 def test_document_ids_change_right_after_eos(data_dir: Path) -> None:

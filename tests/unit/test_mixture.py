@@ -29,6 +29,7 @@ from pretrain.data import (
 from pretrain.data.mixture import assign_sources, slice_bounds
 from pretrain.data.prepare import prepare
 from pretrain.data.tokenizer import train_tokenizer
+from pretrain.models.loss import IGNORE_INDEX
 from tests.unit.test_prepare import make_docs, write_jsonl
 
 VOCAB = 400
@@ -210,16 +211,29 @@ def test_added_or_removed_sources_need_the_override(dirs: dict[str, str]) -> Non
     assert allowed.cursor == loader.cursor
 
 
-def test_eval_batches_mix_by_weight_or_read_one_source(dirs: dict[str, str]) -> None:
+def test_eval_windows_mix_by_weight_or_read_one_source(dirs: dict[str, str]) -> None:
     loader = make(dirs, micro_batch_size=20)
-    mixed = np.concatenate([b.inputs.numpy() for b in loader.eval_batches(5)])
+    mixed = np.concatenate([b.inputs.numpy() for b in loader.eval_windows(100)])
     counts = np.bincount(band_of(mixed), minlength=3) / len(mixed)  # bands: books, code, web
     assert counts == pytest.approx([0.1, 0.2, 0.7], abs=0.02)
-    code = [b.inputs.numpy() for b in loader.eval_batches(2, source="code")]
+    code = [b.inputs.numpy() for b in loader.eval_windows(40, source="code")]
     assert (band_of(np.concatenate(code)) == 1).all()
     np.testing.assert_array_equal(code[0][0], loader.sources[1].window(0)[:-1])
     with pytest.raises(DataError, match="no source named 'nope'"):
-        list(loader.eval_batches(1, source="nope"))
+        list(loader.eval_windows(1, source="nope"))
+
+
+def test_eval_windows_of_a_mixture_are_the_same_on_every_layout(dirs: dict[str, str]) -> None:
+    """The real rows of all ranks, in eval-position order, are one list of (source, window)."""
+    reference = np.concatenate([b.inputs.numpy() for b in make(dirs, micro_batch_size=37)
+                                .eval_windows(37)])
+    for dp, mb in ((2, 4), (3, 5)):
+        ranks = [list(make(dirs, micro_batch_size=mb, dp_rank=r, dp_size=dp).eval_windows(37))
+                 for r in range(dp)]
+        assert {len(batches) for batches in ranks} == {-(-37 // (dp * mb))}
+        rows = [ranks[r][i].inputs.numpy()[j] for i in range(len(ranks[0])) for r in range(dp)
+                for j in range(mb) if (ranks[r][i].targets[j] != IGNORE_INDEX).all()]
+        np.testing.assert_array_equal(np.stack(rows), reference)
 
 
 def test_default_weights_follow_the_sizes(dirs: dict[str, str]) -> None:
@@ -345,7 +359,7 @@ def test_ensure_data_and_build_loader_for_a_mixture(tmp_path: Path) -> None:
     assert batch.doc_ids is not None and set(train.metrics()) == {
         "data/tokens/code", "data/tokens/web", "data/epoch/code", "data/epoch/web"}
     assert train.weights == {"code": 0.4, "web": 0.6} and train.num_workers == 1
-    assert len(list(val.eval_batches(2))) == 2 and val.num_workers == 0
+    assert len(list(val.eval_windows(8))) == 2 and val.num_workers == 0
     train.close()
     with pytest.raises(DataError, match="needs one shared tokenizer"):
         ensure_data(DataConfig(mix={"code": {"source": str(code)}}), vocab_size=VOCAB)
