@@ -4,7 +4,8 @@
         --out data/prepared --workers 16 --val-fraction 0.01 --dedup
 
 Run the same command again after an interruption and it continues from the last finished shard
-(the result is byte-identical to an uninterrupted run); --overwrite starts afresh. Train with it
+(the result is byte-identical to an uninterrupted run, and the speed printed counts only the
+tokens this run wrote); --overwrite starts afresh. Train with it
 by setting data.dir=data/prepared (its tokenizer.model is used by default).
 """
 
@@ -13,10 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
-from pretrain.data.prepare import prepare
+from pretrain.data.prepare import PrepareStats, prepare
 from pretrain.errors import DataError
 from tools.common import add_corpus_arguments
 
@@ -37,21 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="prepare from scratch instead of resuming an unfinished preparation")
     args = p.parse_args(argv)
-    start = time.perf_counter()
+    stats = PrepareStats()
     try:
         manifest = prepare(args.source, args.tokenizer, args.out, num_workers=args.workers,
                            shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
                            text_field=args.text_field, split=args.split,
                            max_bytes=args.max_bytes, dedup=args.dedup,
-                           resume=not args.overwrite, log=print)
+                           resume=not args.overwrite, log=print, stats=stats)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report(manifest, args.out, time.perf_counter() - start)
+    report(manifest, args.out, stats)
     return 0
 
 
-def report(manifest: dict[str, Any], out: str, seconds: float) -> None:
+def report(manifest: dict[str, Any], out: str, stats: PrepareStats) -> None:
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['n_tokens']:,} tokens, {split['n_docs']:,} documents, "
               f"{len(split['shards'])} shards")
@@ -60,8 +60,14 @@ def report(manifest: dict[str, Any], out: str, seconds: float) -> None:
     dedup = f"{docs.get('duplicates', 0):,} duplicates removed" if manifest.get("dedup") else (
         "no deduplication")
     print(f"documents: {docs.get('read', 0):,} read, {dedup}, skipped: {skipped or 'none'}")
-    print(f"{out}: {manifest['n_tokens']:,} tokens ({manifest['dtype']}) in {seconds:.1f}s, "
-          f"{manifest['n_tokens'] / max(seconds, 1e-9):,.0f} tokens/s")
+    total = f"{out}: {manifest['n_tokens']:,} tokens ({manifest['dtype']})"
+    if stats.already_prepared:
+        print(f"{total}, already prepared: nothing to do")
+    elif stats.resumed:
+        print(f"{total}; this run: {stats.tokens:,} new tokens in {stats.seconds:.1f}s, "
+              f"{stats.tokens_per_s:,.0f} tokens/s (resumed after {stats.tokens_before:,})")
+    else:
+        print(f"{total} in {stats.seconds:.1f}s, {stats.tokens_per_s:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 drops exact duplicates, sends each document to the train or validation split by a hash of its
 index and text, and fills fixed-size shards of each split; the manifest is written last. The
 output depends only on the inputs, never on the number of workers, and an interrupted
-preparation resumes from its last finished shard (see `pretrain.data.shard_writer`).
+preparation resumes from its last finished shard (see `pretrain.data.shard_writer`). Every
+file is written under a temporary name and renamed; the temporary files a killed preparation
+leaves are removed by the next preparation of the same directory, which leaves none of its own.
 
 `ensure_prepared` is the trainer's single call: it returns a prepared directory and tokenizer for
 a `DataConfig`, training and preparing into a cache on first use, under a file lock so that
@@ -22,6 +24,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,13 +33,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from pretrain.data.dedup import HashSet, doc_hashes
-from pretrain.data.shard_writer import SplitWriter, load_progress, remove_progress, save_progress
+from pretrain.data.shard_writer import (
+    PROGRESS_NAME,
+    SplitWriter,
+    load_progress,
+    remove_progress,
+    save_progress,
+)
 from pretrain.data.shards import (
     FORMAT_VERSION,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     dtype_for_vocab,
     read_manifest,
+    temporary_name_pattern,
     write_manifest,
 )
 from pretrain.data.sources import SourceStats, describe_source, iter_documents
@@ -54,6 +64,8 @@ _BATCH_BYTES = 1 << 18  # documents per worker task: enough work to amortize the
 _BATCH_DOCS = 1024
 _IN_FLIGHT = 8  # tasks in flight per worker
 _SHARD_NAME = re.compile(r"^\d{6}\.bin$")
+_SHARD_TMP = temporary_name_pattern(r"\d{6}\.bin")
+_ROOT_TMP = temporary_name_pattern(f"{re.escape(MANIFEST_NAME)}|{re.escape(PROGRESS_NAME)}")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -200,20 +212,33 @@ def _clear_previous(out_dir: str) -> None:
     if os.path.exists(manifest):
         os.unlink(manifest)
     remove_progress(out_dir)
+    _remove_temporary(out_dir)
     _remove_shards(out_dir, keep=set())
 
 
 def _remove_shards(out_dir: str, keep: set[str]) -> None:
-    """Remove shard and temporary files of `out_dir` whose names ('train/000003.bin') are not
-    in `keep`."""
-    for split in SPLITS:
-        split_dir = os.path.join(out_dir, split)
-        if not os.path.isdir(split_dir):
-            continue
+    """Remove the shards of `out_dir` whose names ('train/000003.bin') are not in `keep`."""
+    for split, split_dir in _split_dirs(out_dir):
         for name in os.listdir(split_dir):
-            stale = _SHARD_NAME.match(name) and f"{split}/{name}" not in keep
-            if stale or name.endswith(".tmp"):
+            if _SHARD_NAME.match(name) and f"{split}/{name}" not in keep:
                 os.unlink(os.path.join(split_dir, name))
+
+
+def _remove_temporary(out_dir: str) -> None:
+    """Remove the temporary files that killed writes left in `out_dir`, by our names only:
+    `.manifest.json.*.tmp` and `.prepare.progress.json[.*].tmp` in it, `.000003.bin.*.tmp` in
+    its split directories."""
+    places = [(out_dir, _ROOT_TMP)] + [(d, _SHARD_TMP) for _, d in _split_dirs(out_dir)]
+    for directory, pattern in places:
+        for name in os.listdir(directory):
+            if pattern.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+
+
+def _split_dirs(out_dir: str) -> list[tuple[str, str]]:
+    return [(s, os.path.join(out_dir, s)) for s in SPLITS
+            if os.path.isdir(os.path.join(out_dir, s))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,13 +253,39 @@ class _Run:
     writers: dict[str, SplitWriter]
     restart: int
     """Corpus index of the first document to tokenize (0 unless resuming)."""
+    resumed: bool
+    """Continuing an interrupted preparation."""
+    tokens_before: int
+    """Tokens in the shards the interrupted run finished (0 unless resuming)."""
+
+
+@dataclass
+class PrepareStats:
+    """What one call of `prepare` did, for its report (the manifest describes the dataset)."""
+
+    tokens: int = 0
+    """Tokens this call wrote into shards: for a resumed call, only those past the shards an
+    earlier, interrupted call had finished; 0 when the directory was already prepared."""
+    tokens_before: int = 0
+    """Tokens in shards an earlier call had finished (all of them when already prepared)."""
+    seconds: float = 0.0
+    """Wall time of this call."""
+    resumed: bool = False
+    """This call continued an interrupted preparation."""
+    already_prepared: bool = False
+    """The directory held a finished preparation of these inputs; nothing was done."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """This call's speed: the tokens it wrote over its own wall time."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 def prepare(
     source: str, tokenizer_path: str, out_dir: str, *, num_workers: int = 1,
     shard_tokens: int = 1 << 20, val_fraction: float = 0.0, text_field: str = "text",
     split: str = "train", max_bytes: int = 0, dedup: bool = False, resume: bool = True,
-    log: Callable[[str], None] = lambda message: None,
+    log: Callable[[str], None] = lambda message: None, stats: PrepareStats | None = None,
 ) -> dict[str, Any]:
     """Tokenize `source` into train/val shards under `out_dir`; return the manifest.
 
@@ -243,8 +294,11 @@ def prepare(
     without it, `out_dir` is prepared from scratch. With `dedup`, documents whose text equals an
     earlier document's are dropped (counted in the manifest). The tokenizer is copied into
     `out_dir` (as tokenizer.model), so the directory is self-contained. The manifest is written
-    last; until then `out_dir` is not a dataset.
+    last; until then `out_dir` is not a dataset. `stats`, when given, is filled with what this
+    call did (tokens written and wall time, so a resumed call's speed counts its own work only).
     """
+    start_time = time.perf_counter()
+    stats = stats if stats is not None else PrepareStats()
     if shard_tokens <= 0 or not 0.0 <= val_fraction < 1.0:
         raise DataError(f"shard_tokens={shard_tokens} must be > 0 and val_fraction="
                         f"{val_fraction} in [0, 1)")
@@ -255,20 +309,25 @@ def prepare(
     key = _cache_key(description, tok.fingerprint, shard_tokens, val_fraction, max_bytes,
                      text_field, split, dedup)
     if resume and (done := _finished(out_dir, key)) is not None:
+        remove_progress(out_dir)  # what a run killed right after its manifest left
+        _remove_temporary(out_dir)
         log(f"{out_dir} is already prepared from these inputs")
+        stats.already_prepared, stats.tokens_before = True, int(done["n_tokens"])
+        stats.seconds = time.perf_counter() - start_time
         return done
     run = _start(out_dir, key, resume, shard_tokens, val_fraction, tok.vocab_size, log)
-    stats = SourceStats()
+    stats.resumed, stats.tokens_before = run.resumed, run.tokens_before
+    read_stats = SourceStats()
     docs = iter_documents(source, text_field=text_field, split=split, max_bytes=max_bytes,
-                          stats=stats)
+                          stats=read_stats)
     splits, counts = _tokenize_into_shards(run, docs, tokenizer_path, val_fraction, dedup,
                                            num_workers)
-    counts["skipped"] = stats.skipped
+    counts["skipped"] = read_stats.skipped
     if not splits["train"]["n_docs"]:
         _clear_previous(out_dir)
         raise DataError(f"source {source} yielded no training documents for {out_dir} "
                         f"({counts['read']} read, {counts['duplicates']} duplicates, skipped: "
-                        f"{stats.describe()}); check the source and text field, or lower "
+                        f"{read_stats.describe()}); check the source and text field, or lower "
                         "val_fraction")
     _copy_tokenizer(tokenizer_path, out_dir)
     manifest = _manifest(tok, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
@@ -276,6 +335,9 @@ def prepare(
                          dedup=dedup, documents=counts, prepare_key=key, source=params)
     write_manifest(out_dir, manifest)
     remove_progress(out_dir)
+    _remove_temporary(out_dir)
+    stats.tokens = int(manifest["n_tokens"]) - run.tokens_before
+    stats.seconds = time.perf_counter() - start_time
     return manifest
 
 
@@ -300,6 +362,7 @@ def _start(out_dir: str, key: str, resume: bool, shard_tokens: int, val_fraction
         manifest = os.path.join(out_dir, MANIFEST_NAME)
         if os.path.exists(manifest):
             os.unlink(manifest)
+        _remove_temporary(out_dir)
         _remove_shards(out_dir, keep={e["name"] for s in saved.values() for e in s["shards"]})
     writers: dict[str, SplitWriter] = {}
     sizes = {"train": shard_tokens, "val": _val_shard_tokens(shard_tokens, val_fraction)}
@@ -308,11 +371,12 @@ def _start(out_dir: str, key: str, resume: bool, shard_tokens: int, val_fraction
                                  resume=saved[s] if saved else None,
                                  on_shard=lambda: save_progress(out_dir, key, writers))
     restart = min(w.next_doc for w in writers.values())
+    before = sum(e["n_tokens"] for w in writers.values() for e in w.shards)
     if saved is not None:
         done = sum(len(w.shards) for w in writers.values())
-        log(f"resuming the preparation of {out_dir}: {done} shards done, continuing at "
-            f"document {restart}")
-    return _Run(key, writers, restart)
+        log(f"resuming the preparation of {out_dir}: {done} shards done ({before:,} tokens), "
+            f"continuing at document {restart}")
+    return _Run(key, writers, restart, saved is not None, before)
 
 
 def _val_shard_tokens(shard_tokens: int, val_fraction: float) -> int:

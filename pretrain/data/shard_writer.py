@@ -108,10 +108,13 @@ class SplitWriter:
 
 
 def save_progress(data_dir: str, key: str, writers: dict[str, SplitWriter]) -> None:
-    """Record every split's resume point; called after each shard is in place."""
+    """Record every split's resume point; called after each shard is in place. One temporary
+    name, so a preparation killed while writing it leaves at most one `.prepare.progress.json.tmp`,
+    which the next write replaces (and `prepare` removes)."""
     state = {"key": key, "splits": {s: w.resume_point() for s, w in writers.items()}}
     text = json.dumps(state, sort_keys=True)
-    atomic_write(os.path.join(data_dir, PROGRESS_NAME), lambda f: f.write(text.encode()))
+    atomic_write(os.path.join(data_dir, PROGRESS_NAME), lambda f: f.write(text.encode()),
+                 fixed_tmp=True)
 
 
 def load_progress(data_dir: str, key: str) -> dict[str, Any] | None:

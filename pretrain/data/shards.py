@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import struct
 from collections.abc import Callable
@@ -87,18 +88,25 @@ class Shard:
         return int(self.doc_ends.shape[0])
 
 
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: str, write: Callable[[IO[bytes]], None], *,
+                 fixed_tmp: bool = False) -> None:
     """Call `write` on a temporary file next to `path`, fsync it, then rename it to `path`.
 
     The rename is atomic within a filesystem, so readers see either the old file or the whole
-    new one; if `write` raises, the temporary file is removed and `path` is untouched.
+    new one; if `write` raises, the temporary file is removed and `path` is untouched. A process
+    killed mid-write leaves its temporary file (named as `temporary_name_pattern` matches).
+    The temporary name is unique per call, unless `fixed_tmp` (for a file with a single
+    writer, rewritten often): then it is always `.{name}.tmp`, and the next write replaces what
+    a killed one left.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    unique = "" if fixed_tmp else f".{secrets.token_hex(6)}"
+    tmp = os.path.join(directory, f".{os.path.basename(path)}{unique}.tmp")
     # os.open with mode 0o666 (not mkstemp's 0o600) so the umask decides, as for any new file:
     # shared caches must stay readable by the group.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if fixed_tmp else os.O_EXCL)
+    fd = os.open(tmp, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -110,6 +118,12 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def temporary_name_pattern(target: str) -> re.Pattern[str]:
+    """The names of `atomic_write`'s temporary files for the files whose names match the regular
+    expression `target` (e.g. ``r"\\d{6}\\.bin"``): what a write killed half-way leaves."""
+    return re.compile(rf"^\.(?:{target})(?:\.[0-9a-f]{{12}})?\.tmp$")
 
 
 def _fsync_dir(directory: str) -> None:

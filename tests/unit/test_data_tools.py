@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pretrain.data import ShardedWindowLoader, Tokenizer, read_manifest, train_tokenizer
+from pretrain.data import prepare as prepare_mod
 from pretrain.data import shard_writer as writer_mod
 from pretrain.data.inspect import BOUNDARY, EOS_MARK
 from pretrain.data.stats import LengthHistogram, count_prepared
@@ -57,13 +58,23 @@ def test_prepare_tool_reports_dedup_and_resumes(
     with pytest.raises(KeyboardInterrupt):
         prepare_tool.main(argv)
     monkeypatch.setattr(writer_mod, "write_shard", real)
+    progress = json.loads((tmp_path / "o" / "prepare.progress.json").read_text())
+    before = sum(e["n_tokens"] for split in progress["splits"].values() for e in split["shards"])
     capsys.readouterr()
+    monkeypatch.setattr(prepare_mod.time, "perf_counter", iter([10.0, 12.0]).__next__)
     assert prepare_tool.main(argv) == 0
     out = capsys.readouterr().out
     assert "resuming the preparation" in out and "2 shards done" in out
     assert "documents: 37 read, 7 duplicates removed, skipped: none" in out
+    total = read_manifest(str(tmp_path / "o"))["n_tokens"]
+    new = total - before  # the speed of the resumed run counts only the tokens it wrote
+    assert (f"{total:,} tokens (uint16); this run: {new:,} new tokens in 2.0s, "
+            f"{new / 2:,.0f} tokens/s (resumed after {before:,})") in out
+    monkeypatch.setattr(prepare_mod.time, "perf_counter", iter([20.0, 20.001]).__next__)
     assert prepare_tool.main(argv) == 0
-    assert "already prepared" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "already prepared" in out and "tokens/s" not in out
+    assert not [p.name for p in (tmp_path / "o").rglob("*.tmp")]
 
 
 def test_count_tokens_from_shards_matches_the_manifest(

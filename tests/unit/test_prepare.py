@@ -357,31 +357,139 @@ def test_resumed_preparation_equals_uninterrupted(
     assert len(written) < total  # finished shards were not written again
 
 
-def test_killed_preparation_resumes_byte_identical(
-    uninterrupted: tuple[Path, dict[str, str]], tmp_path: Path, tok_path: str
-) -> None:
-    """A real SIGKILL in the middle of writing, in another process, then a resume here."""
-    corpus, expected = uninterrupted
-    out = tmp_path / "out"
-    script = f"""
-import os, signal
-import pretrain.data.shard_writer as w
-from pretrain.data.prepare import prepare
+KILLS = {
+    # after six whole shards, mid-way through the seventh
+    "shard": """
 real, n = w.write_shard, [0]
 def write_then_die(*a, **kw):
     n[0] += 1
-    if n[0] == 7:  # after six whole shards, mid-way through the seventh
+    if n[0] == 7:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*a, **kw)
 w.write_shard = write_then_die
+""",
+    # half-way through the fifth progress write: its temporary file holds half the JSON
+    "progress": """
+real, n = w.atomic_write, [0]
+def write_half_then_die(path, write, **kw):
+    n[0] += 1
+    if n[0] < 5:
+        return real(path, write, **kw)
+    def half(f):
+        buf = io.BytesIO()
+        write(buf)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, half, **kw)
+w.atomic_write = write_half_then_die
+""",
+}
+
+
+@pytest.mark.parametrize("where", sorted(KILLS))
+def test_killed_preparation_resumes_byte_identical(
+    uninterrupted: tuple[Path, dict[str, str]], tmp_path: Path, tok_path: str, where: str
+) -> None:
+    """A real SIGKILL in the middle of writing a shard or the progress file, in another
+    process, then a resume here: the same files, and no temporary file left."""
+    corpus, expected = uninterrupted
+    out = tmp_path / "out"
+    script = f"""
+import io, os, signal
+import pretrain.data.shard_writer as w
+from pretrain.data.prepare import prepare
+{KILLS[where]}
 prepare({str(corpus)!r}, {tok_path!r}, {str(out)!r}, num_workers=2, **{RESUME_ARGS!r})
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2],
                           capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     assert not (out / "manifest.json").exists()
+    if where == "progress":
+        assert (out / ".prepare.progress.json.tmp").exists()
     prepare(str(corpus), tok_path, str(out), num_workers=1, **RESUME_ARGS)
     assert tree(out) == expected
+
+
+STALE = [".prepare.progress.json.tmp", ".prepare.progress.json.0123456789ab.tmp",
+         ".manifest.json.abcdef012345.tmp", "train/.000009.bin.00112233aabb.tmp",
+         "val/.000001.bin.a0b1c2d3e4f5.tmp"]
+NOT_OURS = ["notes.tmp", ".notes.json.0123456789ab.tmp", "train/keep.tmp"]
+
+
+def interrupted(corpus: Path, tok_path: str, out: Path, monkeypatch: pytest.MonkeyPatch,
+                at: int) -> None:
+    """A preparation of `corpus` into `out` that dies while writing its `at`-th shard."""
+    real, n = writer_mod.write_shard, [0]
+
+    def dies(*a: Any, **kw: Any) -> str:
+        n[0] += 1
+        if n[0] == at:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(writer_mod, "write_shard", dies)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(str(corpus), tok_path, str(out), num_workers=1, **RESUME_ARGS)
+
+
+def plant(out: Path, names: list[str]) -> None:
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text('{"key": "half')
+
+
+def test_stale_temporary_files_of_killed_runs_are_removed(
+    uninterrupted: tuple[Path, dict[str, str]], tmp_path: Path, tok_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What killed writes left (our names only) goes at the next resume, fresh start or
+    already-prepared check of the directory; other files stay."""
+    corpus, expected = uninterrupted
+    out = tmp_path / "out"
+    interrupted(corpus, tok_path, out, monkeypatch, at=4)
+    plant(out, STALE + NOT_OURS)
+    messages: list[str] = []
+    prepare(str(corpus), tok_path, str(out), num_workers=1, log=messages.append, **RESUME_ARGS)
+    assert messages[0].startswith("resuming the preparation")
+    assert tree(out) == {**expected, **{n: tree(out)[n] for n in NOT_OURS}}
+    plant(out, STALE)
+    assert prepare(str(corpus), tok_path, str(out), num_workers=1, **RESUME_ARGS)
+    assert sorted(set(tree(out)) - set(expected)) == sorted(NOT_OURS)
+    plant(out, STALE)
+    prepare(str(corpus), tok_path, str(out), num_workers=1, resume=False, **RESUME_ARGS)
+    assert sorted(set(tree(out)) - set(expected)) == sorted(NOT_OURS)
+
+
+def test_resumed_speed_counts_only_this_runs_tokens(
+    uninterrupted: tuple[Path, dict[str, str]], tmp_path: Path, tok_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    corpus, _ = uninterrupted
+    out = tmp_path / "out"
+    interrupted(corpus, tok_path, out, monkeypatch, at=6)
+    progress = json.loads((out / "prepare.progress.json").read_text())
+    before = sum(e["n_tokens"] for split in progress["splits"].values() for e in split["shards"])
+    assert before > 0
+    clock = iter([100.0, 104.0, 200.0, 200.5])  # this call: 4 s; the next: 0.5 s
+    monkeypatch.setattr(prepare_mod.time, "perf_counter", lambda: next(clock))
+    stats = prepare_mod.PrepareStats()
+    manifest = prepare(str(corpus), tok_path, str(out), num_workers=1, stats=stats,
+                       **RESUME_ARGS)
+    assert stats.resumed and not stats.already_prepared and stats.seconds == 4.0
+    assert stats.tokens_before == before and stats.tokens == manifest["n_tokens"] - before
+    assert stats.tokens_per_s == stats.tokens / 4.0
+    again = prepare_mod.PrepareStats()
+    prepare(str(corpus), tok_path, str(out), stats=again, **RESUME_ARGS)
+    assert again.already_prepared and again.tokens == 0 and again.tokens_per_s == 0.0
+    assert again.tokens_before == manifest["n_tokens"]
+    fresh = prepare_mod.PrepareStats()
+    monkeypatch.setattr(prepare_mod.time, "perf_counter", iter([0.0, 2.0]).__next__)
+    prepare(str(corpus), tok_path, str(out), stats=fresh, resume=False, **RESUME_ARGS)
+    assert not fresh.resumed and fresh.tokens == manifest["n_tokens"]
+    assert fresh.tokens_before == 0 and fresh.tokens_per_s == manifest["n_tokens"] / 2.0
 
 
 def test_finished_preparation_is_kept_and_other_inputs_start_afresh(
