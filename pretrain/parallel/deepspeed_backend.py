@@ -8,9 +8,9 @@ both backends follow the same curve. Activation checkpointing is applied to the 
 `pretrain.parallel.parallelize.apply_activation_checkpointing`, as on the native backend.
 
 Checkpoints use the engine's own `save_checkpoint`/`load_checkpoint` (each rank writes its ZeRO
-partition) inside our checkpoint layout: `checkpoints/step_N/deepspeed/` plus
-`trainer_state.json`, per-rank RNG states and the integrity manifest, written atomically as in
-`pretrain/train/checkpoint.py`.
+partition) into `checkpoints/step_N/deepspeed/`; everything else about a checkpoint (the atomic
+`.tmp` directory, `trainer_state.json`, per-rank RNG states, the integrity manifest, `latest`,
+retention) is `pretrain/train/checkpoint.py`'s, the same code as for native checkpoints.
 
 On a machine without GPUs, set DS_ACCELERATOR=cpu; the process group (gloo) is ours.
 """
@@ -18,19 +18,14 @@ On a machine without GPUs, set DS_ACCELERATOR=cpu; the process group (gloo) is o
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from pretrain.errors import ConfigError
-from pretrain.train import checkpoint as ckpt
+from pretrain.errors import CheckpointError, ConfigError
 
 DS_TAG = "deepspeed"
 
@@ -135,66 +130,23 @@ def grad_norm(engine: Any) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def save_engine(engine: Any, path: Path) -> None:
+    """The engine's model and optimizer state (each rank its ZeRO partition) into checkpoint
+    directory `path`, under `deepspeed/` (collective). The atomic write, integrity manifest,
+    RNG states and retention are the checkpointer's, as for native checkpoints."""
+    engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def save_checkpoint(root: Path, step: int, engine: Any, trainer_state: dict[str, Any], *,
-                    keep: int) -> Path:
-    """Write checkpoint `step` (collective) with the engine's API, atomically: everything goes
-    into `step_N.tmp/` and the directory is renamed once the integrity manifest is written."""
-    final = root / ckpt.step_dir_name(step)
-    tmp = root / (final.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-    torch.save(ckpt.rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-        ckpt.write_integrity(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        (root / ckpt.LATEST).write_text(json.dumps({"checkpoint": final.name, "step": step}))
-        ckpt.prune(root, keep)
-    _barrier()
-    return final
+def load_engine(engine: Any, path: Path) -> None:
+    """Load what `save_engine` wrote (collective)."""
+    loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load {path / DS_TAG}")
 
 
 def is_deepspeed_checkpoint(path: Path) -> bool:
     return (path / DS_TAG).is_dir()
-
-
-def check_checkpoint_backend(path: Path, *, deepspeed: bool) -> None:
-    """Raise CheckpointError when `path` was written by the other backend (their formats
-    differ: DeepSpeed's per-rank ZeRO partitions vs DCP's resharding-friendly files)."""
-    if is_deepspeed_checkpoint(path) != deepspeed:
-        writer, other = ("native", "deepspeed") if deepspeed else ("deepspeed", "native")
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by parallel.backend={writer}; resume it with "
-            f"parallel.backend={writer}, not {other}, or start without it (resume=none)")
-
-
-def load_checkpoint(path: Path, engine: Any) -> dict[str, Any]:
-    """Load the engine's model/optimizer state and this rank's RNG; return the trainer state."""
-    ckpt.verify_integrity(path)
-    check_checkpoint_backend(path, deepspeed=True)
-    loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-    if loaded is None:
-        raise ckpt.CheckpointError(f"DeepSpeed could not load {path / DS_TAG}")
-    rng_path = path / f"rng_rank{_rank()}.pt"
-    if rng_path.is_file():
-        ckpt.set_rng_state(torch.load(rng_path, weights_only=False))
-    return ckpt.load_trainer_state(path)
 
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:

@@ -15,9 +15,7 @@ last stage share rank 0.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +30,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from pretrain.errors import ConfigError
+from pretrain.models.loss import IGNORE_INDEX
 
 # Schedules that run one stage per rank; every other one runs `pp_virtual_stages` per rank.
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
@@ -115,6 +114,8 @@ class Pipeline:
     schedule_name: str
     grad_accum: int
     """The accumulation steps the schedule's loss is scaled for (see `build_pipeline`)."""
+    loss_mode: dict[str, bool]
+    """{"sum": True} while `pipeline_eval_sum` runs: the loss is then summed over tokens."""
 
     @property
     def has_first(self) -> bool:
@@ -147,9 +148,14 @@ def build_pipeline(
     stages = [PipelineStage(module, stage_index=sid, num_stages=n_stages, device=device,
                             group=group) for sid, module in parts]
     scale = 1.0 / (n_microbatches * grad_accum)
+    mode = {"sum": False}
 
     def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return loss_fn(output, target) * scale
+        loss = loss_fn(output, target)
+        if mode["sum"]:  # evaluation: summed over the targets that count (padding rows do not)
+            count = (target != IGNORE_INDEX).sum()
+            return torch.where(count > 0, loss * count, torch.zeros_like(loss))
+        return loss * scale
 
     cls = get_schedule_class(schedule)
     if issubclass(cls, PipelineScheduleSingle):
@@ -159,19 +165,19 @@ def build_pipeline(
         sched = cls(stages, n_microbatches=n_microbatches, loss_fn=scaled_loss,
                     scale_grads=False)
     return Pipeline(schedule=sched, stages=stages, parts=[m for _, m in parts], pp_mesh=pp_mesh,
-                    n_microbatches=n_microbatches, schedule_name=schedule, grad_accum=grad_accum)
+                    n_microbatches=n_microbatches, schedule_name=schedule, grad_accum=grad_accum,
+                    loss_mode=mode)
 
 
 def _run(pipe: Pipeline, inputs: torch.Tensor, targets: torch.Tensor, *,
-         train: bool) -> torch.Tensor:
+         train: bool, unscale: float) -> torch.Tensor:
     losses: list[torch.Tensor] = []
     args = (inputs,) if pipe.has_first else ()
     target = targets if pipe.has_last else None
     run = pipe.schedule.step if train else pipe.schedule.eval
     run(*args, target=target, losses=losses if pipe.has_last else None)
     if losses:
-        # Undo the schedule's loss scaling: the result is the mean loss of this batch.
-        loss = torch.stack([x.detach().float() for x in losses]).sum() * pipe.grad_accum
+        loss = torch.stack([x.detach().float() for x in losses]).sum() * unscale
     else:
         loss = torch.zeros((), device=inputs.device)
     loss = loss.reshape(()).to(inputs.device)
@@ -184,27 +190,32 @@ def pipeline_step(pipe: Pipeline, inputs: torch.Tensor, targets: torch.Tensor) -
     """Forward and backward of one batch (split into micro-batches) through the pipeline;
     gradients (scaled for `pipe.grad_accum` accumulation steps) accumulate in the stage
     modules. Returns the batch's mean loss on every rank."""
-    return _run(pipe, inputs, targets, train=True)
+    # Undoing the schedule's loss scaling gives the mean loss of this batch.
+    return _run(pipe, inputs, targets, train=True, unscale=pipe.grad_accum)
 
 
-def pipeline_eval(pipe: Pipeline, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Forward only; the batch's mean loss on every rank.
+def pipeline_eval_sum(pipe: Pipeline, inputs: torch.Tensor,
+                      targets: torch.Tensor) -> torch.Tensor:
+    """Forward only; the batch's loss summed over its targets that are not IGNORE_INDEX, on
+    every rank.
 
     The V-shaped schedules (ZBVZeroBubble, DualPipeV) cannot run forward-only in PyTorch (their
     action lists always contain the split backward), so there evaluation runs a full step and
     discards the gradients; call it only between optimizer steps (gradients are None then).
     """
+    pipe.loss_mode["sum"] = True
     for part in pipe.parts:
         part.eval()
     try:
         if pipe.schedule_name in V_SCHEDULES:
-            loss = _run(pipe, inputs, targets, train=True)
+            loss = _run(pipe, inputs, targets, train=True, unscale=1.0)
             for part in pipe.parts:
                 part.zero_grad(set_to_none=True)
             return loss
         with torch.no_grad():
-            return _run(pipe, inputs, targets, train=False)
+            return _run(pipe, inputs, targets, train=False, unscale=1.0)
     finally:
+        pipe.loss_mode["sum"] = False
         for part in pipe.parts:
             part.train()
 
@@ -223,26 +234,3 @@ def local_model(parts: list[nn.Module]) -> nn.Module:
             if getattr(part, name) is not None:
                 setattr(model, name, getattr(part, name))
     return model
-
-
-def evaluate_pipeline(
-    pipe: Pipeline,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    device: torch.device,
-    autocast: Callable[[], AbstractContextManager],
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-) -> dict[str, float]:
-    """Token-weighted mean validation loss through the pipeline, like
-    `pretrain.eval.perplexity.evaluate` (every rank iterates the same number of batches)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast():
-            loss = pipeline_eval(pipe, inputs, targets)
-        total[0] += loss.double() * targets.numel()
-        total[1] += targets.numel()
-    total = all_reduce(total)
-    loss = (total[0] / total[1].clamp(min=1)).item()
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
-

@@ -4,7 +4,8 @@ Each row trains one configuration for a few steps on synthetic tokens: the same 
 (one seed), batches, precision and AdamW settings in every row. Rows are cumulative: `plain` is
 our model with every optimization off, and each following row adds one (its `parent` is the row
 it extends), so the table shows what each buys; `hf` is `transformers.LlamaForCausalLM` with
-the identical config, trained with a plain loop.
+the identical config, trained with a plain loop. Every row of ours steps the trainer's own
+train module (`pretrain.train.module`): the figures are those of the code users train with.
 
 How a row is measured
 - Time: `warmup` steps (compilation included) are excluded, then `steps` timed steps; the
@@ -40,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from pretrain.config import ModelConfig, OptimConfig
+from pretrain.config import ModelConfig, OptimConfig, ParallelConfig
+from pretrain.data.loader import Batch
 from pretrain.models.llama import (
     SDPA_KERNELS,
     attention_backends,
@@ -50,9 +52,9 @@ from pretrain.models.llama import (
 )
 from pretrain.models.loss import cross_entropy
 from pretrain.parallel.dims import ParallelDims
-from pretrain.parallel.parallelize import parallelize
+from pretrain.parallel.parallelize import init_model_weights
 from pretrain.train.metrics import GPU_BF16_PEAK, gpu_peak_flops, measure_cpu_bf16_flops
-from pretrain.train.optim import build_optimizer
+from pretrain.train.module import StepSettings, TrainModule, build_train_module
 from pretrain.validate import validate_model
 
 __all__ = [
@@ -132,7 +134,9 @@ class BenchSettings:
     interleave: bool | None = None
     """Alternate rows step by step; None: on CPU only (a GPU then holds one row at a time)."""
     seed: int = 0
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule="constant"))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(schedule="constant", warmup_steps=0))
+    """AdamW settings; a constant learning rate, as the transformers row has."""
 
 
 @dataclass
@@ -208,14 +212,17 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 # ----------------------------------------------------------------------------- the models
 
 
-def build_ours(spec: RowSpec, cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
-    """The training path: meta device, `parallelize` (AC, compile), materialize, init."""
-    model = build_model(cfg, device="meta")
-    model = parallelize(model, ParallelDims(1, 1, 1, 1, 1), None, ac_mode=spec.ac,
-                        compile=spec.compile)
-    model.to_empty(device=device)
-    model.init_weights(buffer_device=device, seed=seed)
-    return model
+def build_module(spec: RowSpec, s: BenchSettings, device: torch.device) -> TrainModule:
+    """The trainer's own step for a row: the one-process train module with the row's options
+    (built on meta, parallelized, materialized and initialized as in training)."""
+    settings = StepSettings(global_batch_size=s.batch_size, micro_batch_size=s.batch_size,
+                            precision=s.precision, activation_checkpointing=spec.ac,
+                            compile=spec.compile, chunked_loss=spec.loss == "chunked",
+                            sdpa_backends=() if s.sdpa == "auto" else (s.sdpa,), seed=s.seed)
+    optim = replace(s.optim, implementation=spec.optimizer)
+    return build_train_module(model=model_for(s), optim=optim, parallel=ParallelConfig(),
+                              settings=settings, dims=ParallelDims(1, 1, 1, 1, 1), mesh=None,
+                              device=device, total_steps=10**9)
 
 
 def build_hf(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
@@ -225,36 +232,24 @@ def build_hf(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
     from pretrain.interop.hf import to_hf_config, to_hf_state_dict
 
     reference = build_model(cfg, device="meta")
-    reference.to_empty(device="cpu")
-    reference.init_weights(buffer_device=torch.device("cpu"), seed=seed)
+    init_model_weights(reference, cfg, seed, torch.device("cpu"))  # as the train module does
     with torch.device(device):
         model = LlamaForCausalLM(to_hf_config(cfg))
     model.load_state_dict(to_hf_state_dict(reference.state_dict(), cfg))
     return model
 
 
-def build_adamw(model: nn.Module, spec: RowSpec, optim: OptimConfig,
-                device: torch.device) -> torch.optim.Optimizer:
-    """Our `build_optimizer`; for HF the same groups (matrices decayed, embeddings and norms
-    not), keyed by HF's parameter names."""
-    cfg = replace(optim, implementation=spec.optimizer)
-    if spec.impl == "ours":
-        return build_optimizer(model, cfg, device)
+def build_hf_adamw(model: nn.Module, spec: RowSpec, optim: OptimConfig) -> torch.optim.Optimizer:
+    """Our AdamW settings and groups (matrices decayed, embeddings and norms not), keyed by
+    HF's parameter names."""
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in named if p.ndim < 2 or "embed_tokens" in n]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=spec.optimizer == "fused", foreach=spec.optimizer == "foreach")
-
-
-def compute_loss(model: nn.Module, spec: RowSpec, inputs: Tensor, targets: Tensor) -> Tensor:
-    if spec.impl == "hf":
-        return cross_entropy(model(input_ids=inputs, use_cache=False).logits, targets)
-    if spec.loss == "chunked":  # as the trainer does (loss=auto); compile set by parallelize
-        return model(inputs, targets=targets)
-    return cross_entropy(model(inputs), targets)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                             eps=optim.eps, fused=spec.optimizer == "fused",
+                             foreach=spec.optimizer == "foreach")
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -385,30 +380,51 @@ class _Row:
 
 
 class _Trainee(_Row):
-    """One row's model, optimizer and batches, stepped and measured."""
+    """A row of ours: the trainer's train module, stepped exactly as the trainer steps it
+    (`forward_backward` on the step's batch, then `optimizer_step`)."""
+
+    def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
+        super().__init__(name, s, device)
+        self.module = build_module(self.spec, s, device)
+        self.batches = synthetic_batches(model_for(s), s, device)
+
+    def step(self) -> Tensor:
+        """One training step; the loss stays on the device (no sync to read it)."""
+        self.clock.mark()
+        batch = Batch(*next(self.batches))
+        self.clock.mark()
+        loss = self.module.forward_backward([batch])
+        self.clock.mark()
+        self.module.optimizer_step(loss)
+        self.clock.mark()
+        return loss
+
+    def peak_memory(self) -> tuple[float, float]:
+        return _peak_memory(self, self.module.model, self.module.optimizer)
+
+
+class _HFTrainee(_Row):
+    """transformers' LlamaForCausalLM of the same config and weights, with a plain loop."""
 
     def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
         super().__init__(name, s, device)
         cfg = model_for(s)
-        if self.spec.impl == "hf":
-            self.model = build_hf(cfg, device, s.seed)
-        else:
-            self.model = build_ours(self.spec, cfg, device, s.seed)
+        self.model = build_hf(cfg, device, s.seed)
         self.model.train()
-        self.optimizer = build_adamw(self.model, self.spec, s.optim, device)
+        self.optimizer = build_hf_adamw(self.model, self.spec, s.optim)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.max_norm = s.optim.grad_clip if s.optim.grad_clip > 0 else float("inf")
         self.batches = synthetic_batches(cfg, s, device)
         self.autocast = autocast_for(s.precision, device)
 
     def step(self) -> Tensor:
-        """One training step; the loss stays on the device (no sync to read it)."""
         self.clock.mark()
         inputs, targets = next(self.batches)
         self.clock.mark()
         with self.attention():
             with self.autocast():
-                loss = compute_loss(self.model, self.spec, inputs, targets)
+                logits = self.model(input_ids=inputs, use_cache=False).logits
+                loss = cross_entropy(logits, targets)
             loss.backward()
         self.clock.mark()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
@@ -418,16 +434,21 @@ class _Trainee(_Row):
         return loss.detach()
 
     def peak_memory(self) -> tuple[float, float]:
-        """(bytes resident before a step, peak bytes during it), from one more step."""
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            static = torch.cuda.memory_allocated(self.device)
-            self.step()
-            _sync(self.device)
-            return static, torch.cuda.max_memory_allocated(self.device)
-        static = _resident_bytes(self.model, self.optimizer)
-        return static, static + cpu_allocation_high_water(self.step)
+        return _peak_memory(self, self.model, self.optimizer)
+
+
+def _peak_memory(row: _Row, model: nn.Module,
+                 optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(bytes resident before a step, peak bytes during it), from one more step."""
+    if row.device.type == "cuda":
+        _sync(row.device)
+        torch.cuda.reset_peak_memory_stats(row.device)
+        static = torch.cuda.memory_allocated(row.device)
+        row.step()
+        _sync(row.device)
+        return static, torch.cuda.max_memory_allocated(row.device)
+    static = _resident_bytes(model, optimizer)
+    return static, static + cpu_allocation_high_water(row.step)
 
 
 class _KernelFloor(_Row):
@@ -489,7 +510,8 @@ class _KernelFloor(_Row):
 
 
 def _trainee(name: str, s: BenchSettings, device: torch.device) -> _Row:
-    return (_KernelFloor if ROWS[name].impl == "kernels" else _Trainee)(name, s, device)
+    cls = {"kernels": _KernelFloor, "hf": _HFTrainee, "ours": _Trainee}[ROWS[name].impl]
+    return cls(name, s, device)
 
 
 def _release(device: torch.device) -> None:

@@ -24,8 +24,10 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -75,6 +77,41 @@ class ModelOptimState(Stateful):
             optim_state_dict=state_dict.get("optim", {}),
             options=_OPTIONS,
         )
+
+    def write_checkpoint(self, path: Path, *, background: bool = False) -> Future | None:
+        """DCP files into `path` (collective); with `background`, staged to host memory and
+        written in a thread (returns its future)."""
+        if background:
+            return dcp.async_save({"app": self}, checkpoint_id=str(path))
+        dcp.save({"app": self}, checkpoint_id=str(path))
+        return None
+
+    def read_checkpoint(self, path: Path) -> None:
+        dcp.load({"app": self}, checkpoint_id=str(path))
+
+
+class Payload(Protocol):
+    """The tensors of a checkpoint (model and optimizer), written by their owner: DCP files
+    for the native backends, the engine's files for DeepSpeed (a train module, or a
+    `ModelOptimState`)."""
+
+    def write_checkpoint(self, path: Path, *, background: bool = False) -> Future | None: ...
+
+    def read_checkpoint(self, path: Path) -> None: ...
+
+
+class Record:
+    """Facts saved with a checkpoint for tools and checks (the resolved config, the tokenizer
+    path), not restored on resume: they come from the new start's config."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def state_dict(self) -> Any:
+        return self.value
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
 
 
 # DCP warns on every single-process save/load; one process is a supported layout here.
@@ -220,20 +257,47 @@ def _finalize(root: Path, tmp: Path, final: Path, step: int, keep: int) -> None:
     _barrier()
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
-    *,
-    keep: int,
-) -> Path:
-    """Write checkpoint `step` atomically (collective: every rank calls it)."""
-    tmp, final = _begin(root, step, trainer_state)
-    dcp.save({"app": ModelOptimState(model, optimizer)}, checkpoint_id=str(tmp))
-    _finalize(root, tmp, final, step, keep)
-    return final
+def split_state(state: Mapping[str, Any]) -> tuple[Payload, dict[str, Any]]:
+    """The one payload (the object with `write_checkpoint`) and the other stateful objects,
+    whose `state_dict()`s go to trainer_state.json under their keys."""
+    payloads = [k for k, v in state.items() if hasattr(v, "write_checkpoint")]
+    if len(payloads) != 1:
+        raise ValueError(f"a checkpoint state needs exactly one payload, got {payloads}")
+    rest = {k: v for k, v in state.items() if k != payloads[0]}
+    return state[payloads[0]], rest
+
+
+def save_checkpoint(root: Path, step: int, state: Mapping[str, Any], *, keep: int) -> Path:
+    """Write checkpoint `step` of `state` atomically (collective: every rank calls it)."""
+    Checkpointer(root, keep=keep).save(step, state)
+    return root / step_dir_name(step)
+
+
+def load_state(ckpt: Path, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Verify `ckpt`, load every object of `state` from it and this rank's RNG state; return
+    the saved trainer state (the JSON side)."""
+    verify_integrity(ckpt)
+    payload, rest = split_state(state)
+    payload.read_checkpoint(ckpt)
+    saved = load_trainer_state(ckpt)
+    for key, obj in rest.items():
+        if key not in saved:
+            raise CheckpointError(f"checkpoint {ckpt} has no {key!r} state; it was written by "
+                                  "another version of pretrain: start a new run (resume=none)")
+        obj.load_state_dict(saved[key])
+    rng_path = ckpt / f"rng_rank{_rank()}.pt"
+    if rng_path.is_file():
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    return saved
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Only the model's (and optimizer's) tensors from a native checkpoint, for tools: no RNG,
+    no other state restored. Returns the saved trainer state."""
+    verify_integrity(ckpt)
+    ModelOptimState(model, optimizer).read_checkpoint(ckpt)
+    return load_trainer_state(ckpt)
 
 
 def prune(root: Path, keep: int) -> None:
@@ -255,10 +319,11 @@ def read_latest(root: Path) -> str | None:
 
 
 class Checkpointer:
-    """Saves synchronously or asynchronously; at most one asynchronous save is in flight.
+    """Saves one state (a dict of stateful objects under fixed keys, see `split_state`)
+    synchronously or asynchronously; at most one asynchronous save is in flight.
 
-    An async save stages model and optimizer to CPU memory before returning (so what is saved is
-    the state at the moment of the call) and writes in a background thread. The checkpoint is
+    An async save stages the payload to CPU memory before returning (so what is saved is the
+    state at the moment of the call) and writes in a background thread. The checkpoint is
     finalized (integrity manifest, rename, `latest`) by `poll` once every rank has finished, by
     the next `save`, or by `wait`; until then it is a `.tmp` directory that is never selected.
     """
@@ -267,18 +332,18 @@ class Checkpointer:
         self.root = root
         self.keep = keep
         self.async_save = async_save
-        self._pending: tuple[Any, Path, Path, int] | None = None
+        self._pending: tuple[Future, Path, Path, int] | None = None
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any]) -> None:
+    def save(self, step: int, state: Mapping[str, Any], *, finalize: bool = True) -> None:
+        """`finalize=False` leaves the checkpoint a `.tmp` directory (fault injection)."""
         self.wait()
-        if not self.async_save:
-            save_checkpoint(self.root, step, model, optimizer, trainer_state, keep=self.keep)
-            return
-        tmp, final = _begin(self.root, step, trainer_state)
-        future = dcp.async_save({"app": ModelOptimState(model, optimizer)},
-                                checkpoint_id=str(tmp))
-        self._pending = (future, tmp, final, step)
+        payload, rest = split_state(state)
+        tmp, final = _begin(self.root, step, {k: v.state_dict() for k, v in rest.items()})
+        future = payload.write_checkpoint(tmp, background=self.async_save and finalize)
+        if future is not None:
+            self._pending = (future, tmp, final, step)
+        elif finalize:
+            _finalize(self.root, tmp, final, step, self.keep)
 
     def poll(self) -> None:
         """Finalize the in-flight save if every rank's write has finished (a cheap collective)."""
@@ -297,19 +362,6 @@ class Checkpointer:
         self._pending = None
         future.result()
         _finalize(self.root, tmp, final, step, self.keep)
-
-
-def load_checkpoint(
-    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
-) -> dict[str, Any]:
-    """Load model (+ optimizer) and this rank's RNG state; return the trainer state."""
-    verify_integrity(ckpt)
-    state = {"app": ModelOptimState(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    rng_path = ckpt / f"rng_rank{_rank()}.pt"
-    if rng_path.is_file():
-        set_rng_state(torch.load(rng_path, weights_only=False))
-    return json.loads((ckpt / TRAINER_STATE).read_text())
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -1,87 +1,59 @@
-"""The training entry, top to bottom: distributed → layout → data → model on meta → parallelize
-→ init → optimizer and schedule → resume → loop → close.
+"""The training entry, top to bottom: distributed → layout → data → train module (model on meta,
+parallelize, initialize, optimizer and schedule) → resume → loop → close.
 
-The loop body calls small named functions (`train_step`, `maybe_eval`, `maybe_checkpoint`,
-`maybe_log`); optional behaviour lives in the metric sinks of `loggers.py`. A step leaves its
-loss, gradient norm and finite flag on the device (`StepRecord`); `settle` reads the pending
-ones in one transfer at log steps and checkpoints and runs the host-side checks on them.
-
-Layouts (see pretrain/parallel): one process; FSDP2 / DDP / tensor parallel, applied to the
-model by `parallelize`; pipeline parallel, where the model is split into stages and a schedule
-runs forward and backward (`Run.pipe`); or a DeepSpeed engine (`Run.engine`, backend=deepspeed)
-that runs backward and the optimizer step itself. `micro_batch` and `train_step` are where the
-three differ; everything else sees `Run.model`, which under pipeline parallelism is the union of
-this rank's stages with the whole model's parameter names.
+The step itself is the train module's (`pretrain/train/module.py`), the same one the parity
+tests, the benchmark and the memory measurement call. The loop reads top to bottom: take the
+step's batches, forward/backward, let the callbacks look (`after_backward`), optimizer step,
+settle the numbers at log steps, then `after_step` (faults, stop flags, evaluation,
+checkpoints; `pretrain/train/hooks.py`). A step leaves its loss, gradient norm and finite flag on
+the device (`StepRecord`); `settle` reads the pending ones in one transfer at log steps and
+checkpoints and runs the host-side checks on them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from pretrain.config import TrainConfig, output_whole_on_one_rank
+from pretrain.config import TrainConfig
 from pretrain.data.build import PreparedData, build_loader, ensure_data
 from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import NonFiniteError
 from pretrain.eval.generate import generate
-from pretrain.eval.perplexity import evaluate
-from pretrain.models.llama import (
-    attention_backends,
-    build_model,
-    check_initialized,
-    count_params,
-    flops_per_token,
-)
-from pretrain.models.loss import cross_entropy
-from pretrain.parallel import deepspeed_backend as ds
+from pretrain.models.llama import count_params, flops_per_token
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
-from pretrain.parallel.parallelize import (
-    clip_grad_norm_,
-    init_model_weights,
-    parallelize,
-    set_gradient_sync,
-)
-from pretrain.parallel.pipeline import (
-    Pipeline,
-    build_pipeline,
-    evaluate_pipeline,
-    local_model,
-    pipeline_split,
-    pipeline_step,
-)
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
+from pretrain.train.hooks import (
+    Callback,
+    Rollback,
+    StepInProgress,
+    StepRecord,
+    call,
+    default_callbacks,
+    settle,
+)
 from pretrain.train.loggers import Sink, build_sinks
 from pretrain.train.metrics import device_peak_flops, peak_memory_gb
-from pretrain.train.optim import build_optimizer, build_schedule
+from pretrain.train.module import StepSettings, TrainModule, build_train_module
 
-
-class Rollback(Exception):
-    """A loss spike under spike_policy=rollback: reload the last checkpoint, skip this step."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"loss spike at step {step}")
-        self.step = step
+__all__ = ["Counters", "Run", "setup", "train", "train_loop", "train_step", "settle"]
 
 
 @dataclass
 class Counters:
-    """Step/token counters saved with every checkpoint."""
+    """Step/token counters and run-level records, saved with every checkpoint."""
 
     step: int = 0
     tokens: int = 0
@@ -95,6 +67,14 @@ class Counters:
     skip_steps: list[int] = field(default_factory=list)
     """Steps whose batch is consumed without an update (spikes rolled back)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        fresh = Counters()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state.get(f.name, getattr(fresh, f.name)))
+
 
 @dataclass
 class Run:
@@ -106,34 +86,29 @@ class Run:
     device: torch.device
     dims: ParallelDims
     mesh: DeviceMesh | None
-    model: nn.Module
-    """This rank's whole model: what the optimizer, clipping and checkpoints see."""
-    parts: list[nn.Module]
-    """The modules that run forward: [model], or this rank's pipeline stages."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler | None
+    module: TrainModule
+    """The step: model, optimizer, schedule (and the engine or pipeline) of this rank."""
     train_loader: ShardedWindowLoader
     val_loader: ShardedWindowLoader
     tokenizer: Tokenizer
     total_steps: int
-    grad_accum: int
     flops_per_token: float
     peak_flops: float
-    pipe: Pipeline | None = None
-    """Pipeline stages and schedule (parallel.pp > 1)."""
-    engine: Any = None
-    """The DeepSpeed engine around `model` (parallel.backend=deepspeed)."""
     counters: Counters = field(default_factory=Counters)
     sinks: list[Sink] = field(default_factory=list)
     checkpointer: ckpt.Checkpointer | None = None
     spike: SpikeDetector = field(default_factory=SpikeDetector)
     preempt: PreemptionHandler = field(default_factory=PreemptionHandler)
+    callbacks: list[Callback] = field(default_factory=default_callbacks)
     start_step: int = 0
     """The step this process started (or resumed) at: injected faults fire on a first attempt."""
     pending: list[StepRecord] = field(default_factory=list)
     """Steps whose device numbers the host has not read yet (see `settle`)."""
     last_ckpt_time: float = field(default_factory=time.time)
+    stop: str | None = None
+    """Why the loop stops early ('preempted', 'time_limit'), set by a callback."""
+    ckpt_due: bool = False
+    """The wall-time checkpoint interval has passed (set by a callback)."""
 
     @property
     def ckpt_root(self) -> Path:
@@ -144,20 +119,27 @@ class Run:
         return self.cfg.global_batch_size * self.cfg.seq_len
 
     @property
-    def chunked_loss(self) -> bool:
-        """The model computes the loss itself, chunk by chunk (`TrainConfig.loss`)."""
-        return uses_chunked_loss(self.cfg)
-
-    def attention(self) -> contextlib.AbstractContextManager:
-        """The SDPA kernel choice (`TrainConfig.sdpa_backends`), entered around forward and
-        backward."""
-        return attention_backends(self.cfg.sdpa_backends, self.device.type)
-
-    @property
     def settle_each_step(self) -> bool:
         """The host must look at every step: the spike policy acts on the step itself, or the
         update cannot be skipped on the device."""
-        return self.cfg.spike_policy in ("skip", "rollback") or not skips_on_device(self)
+        return self.cfg.spike_policy in ("skip", "rollback") or not self.module.skips_on_device
+
+    def state(self) -> dict[str, Any]:
+        """Everything resumable, as stateful objects under fixed keys: the one dict that
+        checkpoints save and load. `config` and `tokenizer_path` are recorded for tools and
+        resume checks, not restored."""
+        state: dict[str, Any] = {
+            "train_module": self.module,
+            "counters": self.counters,
+            "scheduler": self.module.scheduler,
+            "train_loader": self.train_loader,
+            "spike": self.spike,
+            "config": ckpt.Record(dataclasses.asdict(self.cfg)),
+            "tokenizer_path": ckpt.Record(self.tokenizer.path),
+        }
+        if self.module.scaler is not None:
+            state["scaler"] = self.module.scaler
+        return state
 
 
 def pick_device(name: str, env: DistEnv) -> torch.device:
@@ -168,13 +150,6 @@ def pick_device(name: str, env: DistEnv) -> torch.device:
     return torch.device(name)
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def total_steps_of(cfg: TrainConfig) -> int:
     """From flops_budget, else tokens, else steps; the schedule spans exactly these steps."""
     if cfg.flops_budget:
@@ -183,17 +158,6 @@ def total_steps_of(cfg: TrainConfig) -> int:
     if cfg.tokens:
         return max(1, cfg.tokens // (cfg.global_batch_size * cfg.seq_len))
     return cfg.steps
-
-
-def dp_sum(run: Run, t: torch.Tensor) -> torch.Tensor:
-    """Sum over data-parallel ranks; the TP and PP ranks of one replica hold the same value."""
-    if run.dims.dp > 1:
-        dist.all_reduce(t, group=run.mesh["dp"].get_group())
-    return t
-
-
-def dp_mean(run: Run, t: torch.Tensor) -> torch.Tensor:
-    return dp_sum(run, t) / run.dims.dp if run.dims.dp > 1 else t
 
 
 def prepare_data(cfg: TrainConfig, env: DistEnv) -> PreparedData:
@@ -216,60 +180,6 @@ def build_loaders(cfg: TrainConfig, data: PreparedData, dims: ParallelDims,
             build_loader(cfg.data, data, "val", **common))
 
 
-def build_and_init_model(cfg: TrainConfig, dims: ParallelDims, mesh: DeviceMesh | None,
-                         device: torch.device) -> tuple[nn.Module, list[tuple[int, nn.Module]]]:
-    """Meta build → pipeline split → parallelize → materialize → layout-independent init.
-
-    Returns this rank's model (under pipeline parallelism the union of its stages) and its
-    (stage id, module) pairs that run forward.
-    """
-    model = build_model(cfg.model, device="meta")
-    stages = [(0, model)]
-    if dims.pp_enabled:
-        p = cfg.parallel
-        stages = pipeline_split(model, pp_rank=mesh["pp"].get_local_rank(), pp=dims.pp,
-                                virtual_stages=p.pp_virtual_stages, schedule=p.pp_schedule)
-    # DeepSpeed shards inside its engine: without a mesh, parallelize only checkpoints/compiles.
-    layout_mesh = None if cfg.parallel.backend == "deepspeed" else mesh
-    for _, part in stages:
-        parallelize(part, dims, layout_mesh, ac_mode=cfg.activation_checkpointing,
-                    compile=compile_enabled(cfg, device), parallel=cfg.parallel,
-                    precision=cfg.precision)
-    parts = [part for _, part in stages]
-    init_model_weights(parts, cfg.model, cfg.seed, device)
-    for part in parts:
-        check_initialized(part)
-        part.train()
-    return (local_model(parts) if dims.pp_enabled else model), stages
-
-
-def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
-    """compile=null: on with CUDA and the native backend (the DeepSpeed engine hooks inside
-    the blocks); an explicit true/false wins."""
-    if cfg.compile is not None:
-        return cfg.compile
-    return device.type == "cuda" and cfg.parallel.backend == "native"
-
-
-def build_engine(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 world_size: int) -> Any:
-    """The DeepSpeed engine around our model and AdamW, with the JSON config built from ours."""
-    p = cfg.parallel
-    config = ds.deepspeed_config(zero_stage=p.zero_stage, precision=cfg.precision,
-                                 global_batch_size=cfg.global_batch_size,
-                                 micro_batch_size=cfg.micro_batch_size, world_size=world_size,
-                                 grad_clip=cfg.optim.grad_clip, extra=p.deepspeed_extra)
-    return ds.initialize(model, optimizer, config)
-
-
-def build_run_pipeline(cfg: TrainConfig, stages: list[tuple[int, nn.Module]], mesh: DeviceMesh,
-                       device: torch.device, grad_accum: int) -> Pipeline:
-    p = cfg.parallel
-    return build_pipeline(stages, pp_mesh=mesh["pp"], device=device, schedule=p.pp_schedule,
-                          n_microbatches=p.pp_microbatches or p.pp * p.pp_virtual_stages,
-                          loss_fn=cross_entropy, grad_accum=grad_accum)
-
-
 def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     env = DistEnv.from_env()
     device = pick_device(cfg.device, env)
@@ -283,46 +193,20 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     tokenizer = Tokenizer.load(data.tokenizer_path)
     train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank)
 
-    model, stages = build_and_init_model(cfg, dims, mesh, device)
     total = total_steps_of(cfg)
-    grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * dims.dp)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    scheduler = build_schedule(optimizer, cfg.optim, total)
-    pipe = build_run_pipeline(cfg, stages, mesh, device, grad_accum) if dims.pp_enabled else None
-    deepspeed = p.backend == "deepspeed"
-    engine = build_engine(cfg, model, optimizer, env.world_size) if deepspeed else None
-    use_scaler = cfg.precision == "fp16" and not deepspeed  # DeepSpeed scales fp16 itself
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    module = build_train_module(model=cfg.model, optim=cfg.optim, parallel=cfg.parallel,
+                                settings=StepSettings.of(cfg, device), dims=dims, mesh=mesh,
+                                device=device, total_steps=total)
     peak, _ = device_peak_flops(device, cfg.data.cache_dir)
     return Run(
-        cfg=cfg, run_dir=run_dir, env=env, device=device, dims=dims, mesh=mesh, model=model,
-        parts=[part for _, part in stages], optimizer=optimizer, scheduler=scheduler,
-        scaler=scaler, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
-        total_steps=total, grad_accum=grad_accum,
-        flops_per_token=flops_per_token(cfg.model, cfg.seq_len), peak_flops=peak, pipe=pipe,
-        engine=engine,
+        cfg=cfg, run_dir=run_dir, env=env, device=device, dims=dims, mesh=mesh, module=module,
+        train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
+        total_steps=total, flops_per_token=flops_per_token(cfg.model, cfg.seq_len),
+        peak_flops=peak,
         checkpointer=ckpt.Checkpointer(run_dir / "checkpoints", keep=cfg.ckpt_keep,
                                        async_save=cfg.ckpt_async),
         spike=SpikeDetector(window=cfg.spike_window, threshold=cfg.spike_threshold),
     )
-
-
-def uses_chunked_loss(cfg: TrainConfig) -> bool:
-    """loss=auto: chunked where one rank holds the whole output projection (validate() has
-    refused loss=chunked elsewhere)."""
-    return cfg.loss == "chunked" or (cfg.loss == "auto" and output_whole_on_one_rank(cfg.parallel))
-
-
-def trainer_state(run: Run) -> dict[str, Any]:
-    return {
-        "counters": dataclasses.asdict(run.counters),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "train_loader": run.train_loader.state_dict(),
-        "spike": run.spike.state_dict(),
-        "tokenizer_path": run.tokenizer.path,
-        "config": dataclasses.asdict(run.cfg),
-    }
 
 
 def maybe_resume(run: Run) -> None:
@@ -333,151 +217,12 @@ def maybe_resume(run: Run) -> None:
     found = ckpt.find_resumable(run.ckpt_root) if mode == "auto" else ckpt.resolve_checkpoint(mode)
     if found is None:
         return
-    load_state(run, found)
+    ckpt.load_state(found, run.state())
     run.start_step = run.counters.step
     if run.env.is_main:
         print(f"resumed from {found} at step {run.counters.step}", flush=True)
         for note in getattr(run.train_loader, "notes", []):
             print(f"data: {note}", flush=True)
-
-
-def load_state(run: Run, found: Path) -> None:
-    """Every stateful piece from checkpoint `found`."""
-    ds.check_checkpoint_backend(found, deepspeed=run.engine is not None)
-    if run.engine is not None:
-        state = ds.load_checkpoint(found, run.engine)
-    else:
-        state = ckpt.load_checkpoint(found, run.model, run.optimizer)
-    run.counters = Counters(**state["counters"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.train_loader.load_state_dict(state["train_loader"])
-    if state.get("spike"):
-        run.spike.load_state_dict(state["spike"])
-
-
-@dataclass
-class StepRecord:
-    """One optimizer step as it left the device queue: loss, gradient norm and the all-rank
-    finite flag stay device tensors until `settle` reads a batch of records in one transfer,
-    so a step never waits for the device to tell the host a number."""
-
-    step: int
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-    finite: torch.Tensor
-    """() float32: 1 when loss and gradient norm are finite on every rank."""
-    lr: float
-    data_wait: float
-    skipped: bool = False
-    """Skipped for a reason the host already knows (a replayed spike batch, spike_policy=skip)."""
-
-
-def forward_backward(run: Run, autocast: Callable[[], Any]) -> tuple[torch.Tensor, float]:
-    """All micro-batches of one step; returns (mean loss, seconds waiting for data)."""
-    loss_sum = torch.zeros((), device=run.device)
-    data_wait = 0.0
-    with run.attention():  # backward too: checkpointing recomputes attention there
-        for i in range(run.grad_accum):
-            t = time.perf_counter()
-            batch = run.train_loader.next_batch().to(run.device, non_blocking=True)
-            data_wait += time.perf_counter() - t
-            loss_sum += micro_batch(run, batch, autocast, last=i == run.grad_accum - 1)
-    return loss_sum, data_wait
-
-
-def micro_batch(run: Run, batch: Batch, autocast: Callable[[], Any], *,
-                last: bool) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its mean loss / grad_accum."""
-    inputs, targets = batch
-    if run.engine is not None:  # DeepSpeed handles precision, accumulation and the step
-        return ds.micro_step(run.engine, inputs, targets, cross_entropy) / run.grad_accum
-    # Data-parallel gradients are reduced once, after the last micro-batch.
-    set_gradient_sync(run.parts, last)
-    if run.pipe is not None:  # the schedule splits the batch further and runs backward
-        with autocast():
-            loss = pipeline_step(run.pipe, inputs, targets)
-        return loss / run.grad_accum
-    with autocast():
-        if run.chunked_loss:  # the model applies `output` and the loss chunk by chunk
-            loss = run.parts[0](inputs, targets=targets, **batch.model_kwargs())
-        else:
-            loss = cross_entropy(run.parts[0](inputs, **batch.model_kwargs()), targets)
-    loss = loss / run.grad_accum
-    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-    return loss.detach()
-
-
-def train_step(run: Run, autocast: Callable[[], Any]) -> StepRecord:
-    """One optimizer step: forward/backward, clip, all-rank finite flag, step, schedule.
-
-    Nothing here reads a device number on the host unless `run.settle_each_step` (a spike
-    policy that acts on this step, a DeepSpeed engine, fp16 loss scaling, or an optimizer that
-    cannot skip an update on the device); the checks then run in `settle`."""
-    step = run.counters.step + 1
-    lr = run.scheduler.get_last_lr()[0]
-    if step in run.counters.skip_steps:
-        return skip_batch(run, step, lr)
-    loss, data_wait = forward_backward(run, autocast)
-    loss = dp_mean(run, inject_loss_faults(run, step, loss))
-    spike_skip = False
-    if run.cfg.spike_policy in ("skip", "rollback"):  # decided before the update: a sync
-        verdict = spike_verdict(run, step, float(loss))
-        if verdict == "rollback":
-            run.optimizer.zero_grad(set_to_none=True)
-            raise Rollback(step)
-        spike_skip = verdict == "skip"
-    if run.engine is not None:
-        # The engine clipped and stepped after the last micro-batch (its fp16 loss scaler skips
-        # overflowing steps itself): a non-finite step is counted or halts, not undone.
-        grad_norm = torch.tensor(ds.grad_norm(run.engine), device=run.device)
-    else:
-        grad_norm = clip_gradients(run)
-    finite = all_ranks_finite(run, loss, grad_norm)
-    if run.engine is None:
-        optimizer_step(run, finite, skip=spike_skip)
-    run.scheduler.step()
-    return StepRecord(step, loss, grad_norm, finite, lr, data_wait, skipped=spike_skip)
-
-
-def skip_batch(run: Run, step: int, lr: float) -> StepRecord:
-    """Consume this step's batches without an update (the batch that caused a rolled-back
-    spike), so the data order after it is the one an uninterrupted run would see."""
-    for _ in range(run.grad_accum):
-        run.train_loader.next_batch()
-    run.counters.skipped_total += 1
-    run.scheduler.step()
-    nan = torch.full((), math.nan, device=run.device)
-    return StepRecord(step, nan, nan, torch.ones((), device=run.device), lr, 0.0, skipped=True)
-
-
-def inject_loss_faults(run: Run, step: int, loss: torch.Tensor) -> torch.Tensor:
-    """faults.nan_at_step / spike_at_step (tests of the guards): a NaN loss and gradients on
-    one rank, or a loss 20× too high."""
-    f = run.cfg.faults
-    if f.nan_at_step == step and run.env.rank == f.nan_rank:
-        for p in run.model.parameters():
-            if p.grad is not None:
-                p.grad.fill_(math.nan)
-        return loss * math.nan
-    if f.spike_at_step == step:
-        return loss * 20.0
-    return loss
-
-
-def spike_verdict(run: Run, step: int, loss: float) -> str:
-    """'ok', 'skip' or 'rollback' for this step's (globally averaged) loss."""
-    policy = run.cfg.spike_policy
-    if policy == "none" or not math.isfinite(loss) or not run.spike.update(loss):
-        return "ok"
-    if run.env.is_main:
-        mean = sum(run.spike.history) / len(run.spike.history)
-        print(f"warning: loss spike at step {step}: {loss:.4f} vs recent mean {mean:.4f} "
-              f"(policy {policy})", flush=True)
-    if policy == "skip":
-        run.counters.skipped_total += 1
-    return policy if policy in ("skip", "rollback") else "ok"
 
 
 def rollback(run: Run, step: int) -> None:
@@ -490,148 +235,64 @@ def rollback(run: Run, step: int) -> None:
     skip_steps = sorted({*run.counters.skip_steps, step})
     rollbacks = run.counters.rollbacks + 1
     run.pending.clear()
-    load_state(run, found)
+    ckpt.load_state(found, run.state())
     run.counters.skip_steps, run.counters.rollbacks = skip_steps, rollbacks
     if run.env.is_main:
         print(f"rolled back to {found.name} after a loss spike at step {step}; its batch will "
               "be skipped", flush=True)
 
 
-def clip_gradients(run: Run) -> torch.Tensor:
-    """Clip to optim.grad_clip (0: no clip); returns the global norm over every shard/stage."""
-    if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)
-    max_norm = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
-    pp_mesh = run.mesh["pp"] if run.dims.pp_enabled else None
-    return clip_grad_norm_(run.model.parameters(), max_norm, pp_mesh=pp_mesh)
+class DataWait:
+    """The step's micro-batches, read lazily from the loader, with the time spent waiting."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def batches(self, loader: ShardedWindowLoader, n: int) -> Iterator[Batch]:
+        for _ in range(n):
+            t = time.perf_counter()
+            batch = loader.next_batch()
+            self.seconds += time.perf_counter() - t
+            yield batch
 
 
-def all_ranks_finite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """() float32, 1 only if loss and gradient norm are finite on every rank: one rank's NaN
-    stops the update everywhere, so replicas never diverge. A device-side all-reduce (gloo
-    takes host tensors)."""
-    ok = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float().reshape(())
-    if dist.is_initialized():
-        on_host = dist.get_backend() == "gloo"
-        ok = ok.cpu() if on_host else ok
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        ok = ok.to(run.device, non_blocking=True)
-    return ok
+def train_step(run: Run) -> StepRecord:
+    """One optimizer step through the train module, with the callbacks' say between backward
+    and the update. Nothing here reads a device number on the host unless
+    `run.settle_each_step`."""
+    step = run.counters.step + 1
+    lr = run.module.scheduler.get_last_lr()[0]
+    if step in run.counters.skip_steps:
+        return skip_batch(run, step, lr)
+    wait = DataWait()
+    loss = run.module.forward_backward(wait.batches(run.train_loader, run.module.grad_accum))
+    pending = StepInProgress(step, loss)
+    call(run, "after_backward", pending)
+    stats = run.module.optimizer_step(pending.loss, skip=pending.skip)
+    return StepRecord(step, stats.loss, stats.grad_norm, stats.finite, lr, wait.seconds,
+                      skipped=pending.skip)
 
 
-def skips_on_device(run: Run) -> bool:
-    """Fused AdamW takes a `found_inf` tensor and leaves parameters, moments and step count
-    untouched when it is nonzero: a non-finite step is skipped without the host looking."""
-    return run.scaler is None and run.engine is None and bool(run.optimizer.defaults.get("fused"))
-
-
-def optimizer_step(run: Run, finite: torch.Tensor, *, skip: bool = False) -> None:
-    if skip:
-        pass
-    elif skips_on_device(run):
-        run.optimizer.found_inf = 1.0 - finite
-        run.optimizer.step()
-    elif bool(finite.item()):  # a host sync: this optimizer cannot skip on the device
-        if run.scaler is not None:
-            run.scaler.step(run.optimizer)
-        else:
-            run.optimizer.step()
-    if run.scaler is not None:
-        run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-
-
-def settle(run: Run) -> dict[str, float]:
-    """Read the pending steps' numbers in one transfer, apply the host-side checks to them in
-    step order (non-finite counting and halting, spike warnings, the last loss), and return
-    the newest step's metrics. The one host sync of the loop, at log steps and checkpoints."""
-    records, run.pending = run.pending, []
-    if not records:
-        return {}
-    values = torch.stack([
-        torch.stack([r.loss.float().reshape(()), r.grad_norm.float().reshape(()),
-                     r.finite.float().reshape(())]).to(run.device)
-        for r in records
-    ]).tolist()
-    for r, (loss, _, finite) in zip(records, values, strict=True):
-        run.counters.last_train_loss = loss
-        if not finite:
-            handle_nonfinite(run, r.step, loss)
-            continue
-        run.counters.skipped_in_row = 0
-        if run.cfg.spike_policy == "warn" and not r.skipped:
-            spike_verdict(run, r.step, loss)
-    last, (loss, grad_norm, finite) = records[-1], values[-1]
-    return {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": last.lr,
-            "data/wait_s": last.data_wait, "train/skipped": float(not finite or last.skipped)}
-
-
-def handle_nonfinite(run: Run, step: int, loss: float) -> None:
-    c = run.counters
-    c.skipped_total += 1
-    c.skipped_in_row += 1
-    if run.cfg.nonfinite_policy == "halt" or c.skipped_in_row > run.cfg.max_skips:
-        raise NonFiniteError(
-            f"non-finite loss/gradient norm at step {step} (loss={loss}); "
-            f"policy={run.cfg.nonfinite_policy}, consecutive skips={c.skipped_in_row}. "
-            "Lower optim.lr, raise warmup, or use precision=bf16/fp32; resume from the last "
-            "checkpoint with resume=auto"
-        )
-
-
-def run_eval(run: Run, autocast: Callable[[], Any]) -> dict[str, float]:
-    batches = run.val_loader.eval_batches(run.cfg.eval_batches)
-    common = dict(device=run.device, autocast=autocast, all_reduce=lambda t: dp_sum(run, t))
-    with run.attention():
-        if run.pipe is not None:
-            metrics = evaluate_pipeline(run.pipe, batches, **common)
-        else:
-            model = run.engine if run.engine is not None else run.parts[0]
-            metrics = evaluate(model, batches, chunked=run.chunked_loss, **common)
-    run.counters.last_val_loss = metrics["val/loss"]
-    run.counters.best_val_loss = min(run.counters.best_val_loss, metrics["val/loss"])
-    return metrics
-
-
-def maybe_eval(run: Run, autocast: Callable[[], Any], *, force: bool = False) -> None:
-    every = run.cfg.eval_every
-    if force or (every > 0 and run.counters.step % every == 0):
-        metrics = run_eval(run, autocast)
-        for s in run.sinks:
-            s.on_eval(run.counters.step, metrics)
-
-
-def maybe_checkpoint(run: Run, *, force: bool = False, due: bool = False) -> None:
-    """Every `ckpt_every` steps, when `due` (the wall-time interval), or when forced."""
-    every = run.cfg.ckpt_every
-    if not (force or due or (every > 0 and run.counters.step % every == 0)):
-        return
-    settle(run)  # the saved counters and spike history include every step so far
-    step = run.counters.step
-    run.last_ckpt_time = time.time()
-    if run.engine is not None:
-        ds.save_checkpoint(run.ckpt_root, step, run.engine, trainer_state(run),
-                           keep=run.cfg.ckpt_keep)
-    elif run.cfg.faults.crash_in_checkpoint_at_step == step and first_attempt(run):
-        tmp, _ = ckpt._begin(run.ckpt_root, step, trainer_state(run))
-        ckpt.dcp.save({"app": ckpt.ModelOptimState(run.model, run.optimizer)},
-                      checkpoint_id=str(tmp))
-        os._exit(1)  # the data is written but never finalized: a crash mid-checkpoint
-    else:
-        run.checkpointer.save(step, run.model, run.optimizer, trainer_state(run))
+def skip_batch(run: Run, step: int, lr: float) -> StepRecord:
+    """Consume this step's batches without an update (the batch that caused a rolled-back
+    spike), so the data order after it is the one an uninterrupted run would see."""
+    for _ in range(run.module.grad_accum):
+        run.train_loader.next_batch()
+    run.counters.skipped_total += 1
+    run.module.scheduler.step()
+    nan = torch.full((), math.nan, device=run.device)
+    return StepRecord(step, nan, nan, torch.ones((), device=run.device), lr, 0.0, skipped=True)
 
 
 def is_log_step(run: Run, step: int) -> bool:
     return step % max(1, run.cfg.logging.log_every) == 0 or step in (1, run.total_steps)
 
 
-def maybe_log(run: Run, metrics: dict[str, float], step_time: float, tokens: int) -> None:
+def log_metrics(run: Run, metrics: dict[str, float], step_time: float,
+                tokens: int) -> dict[str, float]:
     """The settled metrics of a log step, with throughput over the steps since the last."""
-    step = run.counters.step
-    if not is_log_step(run, step):
-        return
     tps = tokens / max(step_time, 1e-9)
-    metrics = {
+    return {
         **metrics,
         "train/tokens": float(run.counters.tokens),
         "perf/tokens_per_sec": tps,
@@ -640,50 +301,17 @@ def maybe_log(run: Run, metrics: dict[str, float], step_time: float, tokens: int
         "perf/memory_gb": peak_memory_gb(run.device),
         **run.train_loader.metrics(),
     }
-    for s in run.sinks:
-        s.on_step(step, metrics)
 
 
-def first_attempt(run: Run) -> bool:
-    """Injected crashes fire only on a run's first attempt (not after a resume or restart)."""
-    return run.start_step == 0 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-
-
-def step_flags(run: Run, start: float) -> tuple[bool, bool, bool]:
-    """(preempted, time limit reached, wall-time checkpoint due), agreed by every rank in one
-    collective: a signal on any rank counts; the clocks are rank 0's."""
-    cfg = run.cfg
-    now = time.time()
-    clocks = run.env.is_main
-    flags = torch.tensor([
-        float(run.preempt.requested),
-        float(clocks and cfg.time_limit_s > 0 and now - start > cfg.time_limit_s),
-        float(clocks and cfg.ckpt_every_s > 0 and now - run.last_ckpt_time > cfg.ckpt_every_s),
-    ])
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1]), bool(flags[2])
-
-
-def inject_process_faults(run: Run) -> None:
-    """faults.crash_at_step (a hard exit, like kill -9) and faults.signal_at_step (SIGTERM)."""
-    f, step = run.cfg.faults, run.counters.step
-    if f.crash_at_step == step and run.env.rank == f.crash_rank and first_attempt(run):
-        os._exit(1)
-    if f.signal_at_step == step and run.start_step < step:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def train_loop(run: Run, autocast: Callable[[], Any]) -> str:
-    """Steps until the budget or the time limit; returns the final status."""
-    start = time.time()
+def train_loop(run: Run) -> str:
+    """Steps until the budget, or until a callback stops the run; returns the final status."""
     recent_tokens, recent_time = 0, 0.0
     watchdog = StepWatchdog(run.cfg.parallel.timeout_s)
-    while run.counters.step < run.total_steps:
+    while run.counters.step < run.total_steps and run.stop is None:
         t = time.perf_counter()
         watchdog.arm()
         try:
-            record = train_step(run, autocast)
+            record = train_step(run)
             run.pending.append(record)
             log_now = is_log_step(run, record.step)
             # Reading the numbers waits for the device: inside the timed step, watched.
@@ -699,33 +327,27 @@ def train_loop(run: Run, autocast: Callable[[], Any]) -> str:
         recent_tokens += run.tokens_per_step
         recent_time += time.perf_counter() - t
         if log_now:
-            maybe_log(run, metrics, recent_time, recent_tokens)
+            call(run, "on_log", log_metrics(run, metrics, recent_time, recent_tokens))
             recent_tokens, recent_time = 0, 0.0
-            run.checkpointer.poll()
-        inject_process_faults(run)
-        preempted, time_up, ckpt_due = step_flags(run, start)
-        if preempted:
-            return "preempted"
-        if time_up:
-            return "time_limit"
-        if run.counters.step < run.total_steps:
-            maybe_eval(run, autocast)
-            maybe_checkpoint(run, due=ckpt_due)
-    return "completed"
+        call(run, "after_step")
+    return run.stop or "completed"
 
 
 def samples(run: Run) -> list[dict[str, str]]:
-    """A few sampled continuations, on a single-process layout only (generation runs the plain
-    model; a sharded or pipelined one would need every rank in lockstep)."""
-    if run.env.world_size > 1 or not run.cfg.sample_prompts:
+    """A few sampled continuations, on a single-process layout only (a sharded or pipelined
+    model would need every rank in lockstep). Generation runs eagerly: the compiled blocks
+    were compiled for training shapes, and a KV cache changes the shape every token."""
+    model = run.module.generation_model
+    if model is None or not run.cfg.sample_prompts:
         return []
     out = []
     gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
-    for prompt in run.cfg.sample_prompts:
-        ids = run.tokenizer.encode(prompt, bos=True)
-        new = generate(run.model, ids, max_new_tokens=run.cfg.sample_tokens, temperature=0.8,
-                       top_k=50, eos_id=run.tokenizer.eos_id, generator=gen)
-        out.append({"prompt": prompt, "completion": run.tokenizer.decode(new)})
+    with torch.compiler.set_stance("force_eager"):
+        for prompt in run.cfg.sample_prompts:
+            ids = run.tokenizer.encode(prompt, bos=True)
+            new = generate(model, ids, max_new_tokens=run.cfg.sample_tokens, temperature=0.8,
+                           top_k=50, eos_id=run.tokenizer.eos_id, generator=gen)
+            out.append({"prompt": prompt, "completion": run.tokenizer.decode(new)})
     return out
 
 
@@ -755,20 +377,36 @@ def build_summary(run: Run, status: str, wall_time: float) -> dict[str, Any]:
     }
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with every non-finite float as None: JSON has no NaN or Infinity."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(json.dumps(strict_json(obj), indent=2, default=str, allow_nan=False))
     tmp.replace(path)
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) one training job; returns the summary (rank 0 writes summary.json)."""
+def train(cfg: TrainConfig, run_dir: Path, *,
+          on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) one training job; returns the summary (rank 0 writes summary.json).
+
+    `on_start` runs on rank 0 once the start is accepted (set up, resumed), before anything is
+    written to the run directory: the entry saves the resolved config there."""
     t0 = time.time()
     run = setup(cfg, run_dir)
     try:
         maybe_resume(run)
-        autocast = autocast_factory(cfg.precision, run.device)
         if run.env.is_main:
+            if on_start is not None:
+                on_start()
             run.sinks = build_sinks(cfg.logging, run_dir=run_dir, run_name=cfg.run_name,
                                     config=dataclasses.asdict(cfg), total_steps=run.total_steps,
                                     start_step=run.counters.step,
@@ -776,24 +414,26 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             run.counters.wandb_id = getattr(getattr(run.sinks[-1], "run", None), "id", None)
             announce(run)
         run.preempt.install()
-        status = train_loop(run, autocast)
+        status = train_loop(run)
         settle(run)
-        if status != "preempted":  # a preempted job has seconds left: checkpoint only
-            maybe_eval(run, autocast, force=True)
-        maybe_checkpoint(run, force=True)
-        run.checkpointer.wait()
+        call(run, "on_end", status)
         summary = build_summary(run, status, time.time() - t0)
         if run.env.is_main:
-            summary["samples"] = samples(run) if status != "preempted" else []
-            for s in summary["samples"]:
-                run.sinks[0].on_text(f"--- sample {s['prompt']!r}\n{s['prompt']}{s['completion']}")
-            write_json(run_dir / "summary.json", summary)
-            for s in run.sinks:
-                s.on_end(summary)
+            finish(run, summary, status)
         return summary
     finally:
         run.preempt.uninstall()
         destroy_distributed()
+
+
+def finish(run: Run, summary: dict[str, Any], status: str) -> None:
+    """Rank 0: samples (not when preempted: seconds left), summary.json, the sinks' end."""
+    summary["samples"] = samples(run) if status != "preempted" else []
+    for s in summary["samples"]:
+        run.sinks[0].on_text(f"--- sample {s['prompt']!r}\n{s['prompt']}{s['completion']}")
+    write_json(run.run_dir / "summary.json", summary)
+    for s in run.sinks:
+        s.on_end(strict_json(summary))
 
 
 def announce(run: Run) -> None:
@@ -807,3 +447,4 @@ def announce(run: Run) -> None:
         f"train {run.train_loader.tokens_per_epoch / 1e6:.2f}M tokens/epoch | "
         f"peak {run.peak_flops / 1e12:.2f} TFLOP/s"
     )
+
