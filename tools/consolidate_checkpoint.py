@@ -1,4 +1,5 @@
-"""Gather a sharded checkpoint (saved on any number of ranks) into one file on one process.
+"""Gather a sharded checkpoint (saved on any number of ranks, by the native backend or by
+DeepSpeed with ZeRO stage 1, 2 or 3) into one file on one process, without GPUs.
 
     pretrain-consolidate runs/NAME model.pt      # then: pretrain-export-hf model.pt hf/NAME
 """

@@ -1,5 +1,6 @@
 """Turn a run's checkpoint into a Hugging Face directory that
-`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load.
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load. Reads
+checkpoints of either backend (native DCP files, DeepSpeed ZeRO 1-3) on one process.
 
     pretrain-export-hf runs/NAME out/hf-model [--dtype bf16]
 """

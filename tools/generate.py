@@ -1,4 +1,4 @@
-"""Sample from a run's checkpoint with a KV cache.
+"""Sample from a run's checkpoint (either backend, any layout) with a KV cache, on one process.
 
     pretrain-generate runs/NAME --prompt "def " --max-new-tokens 64 --temperature 0.8 --top-k 50
 """
