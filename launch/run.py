@@ -21,9 +21,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from launch.common import checked_config
+from launch.common import checked_config, config_dir, deepspeed_launch_hint, fail
 from pretrain.config import LauncherConfig, register_configs
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, PretrainError
 
 register_configs()
 
@@ -119,16 +119,21 @@ def launch(lc: LauncherConfig, args: list[str], run_dir: str, job_name: str) -> 
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base=None)
+@hydra.main(config_path=config_dir(), config_name="train", version_base=None)
 def hydra_main(dcfg: DictConfig) -> None:
     lc = dcfg.launcher
     # The layout is checked against the world the launched job will have, not this process.
     world = 1 if lc.kind == "local" else lc.nnodes * lc.nproc_per_node
     cfg = checked_config(dcfg, world_size=world)
+    if cfg.parallel.backend == "deepspeed" and lc.kind == "local":
+        fail(deepspeed_launch_hint())
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     args = train_overrides(list(hc.overrides.task), run_dir, cfg.logging.group)
-    code = launch(cfg.launcher, args, run_dir, job_name=f"pretrain-{cfg.model.name}")
+    try:
+        code = launch(cfg.launcher, args, run_dir, job_name=f"pretrain-{cfg.model.name}")
+    except PretrainError as e:
+        fail(str(e))
     if code != 0:
         print(f"error: launched job exited with code {code} (run dir {run_dir})", file=sys.stderr)
         sys.exit(code)

@@ -1,10 +1,12 @@
 """Shared fixtures: a per-session cache for tokenizers/shards, and the training entry as a
-subprocess (the real Hydra app, exactly as users start it)."""
+subprocess (the installed `pretrain-train` console script, started outside the repository,
+exactly as users start it)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,12 +59,23 @@ def train_env(cache_dir: Path) -> dict[str, str]:
     return env
 
 
+def console_script(name: str) -> str:
+    """An installed console script of this environment (the one next to its python)."""
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.is_file() else shutil.which(name)
+    if found is None:
+        raise AssertionError(f"console script {name} is not installed; run `make setup`")
+    return found
+
+
 def run_train(cache_dir: Path, out: Path, name: str, *overrides: str,
               check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m launch.train` with TINY + overrides, run dir out/name."""
-    cmd = [sys.executable, "-m", "launch.train", *TINY, f"output_root={out}", f"run_name={name}",
+    """`pretrain-train` with TINY + overrides, run dir out/name, started in `out` (outside
+    the repository, so the presets are found the way an installed package finds them)."""
+    cmd = [console_script("pretrain-train"), *TINY, f"output_root={out}", f"run_name={name}",
            *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=train_env(cache_dir), capture_output=True,
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cmd, cwd=out, env=train_env(cache_dir), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
