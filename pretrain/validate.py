@@ -98,6 +98,12 @@ def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
              "loss=chunked needs the whole output projection on the rank that computes the "
              "loss, which tensor/pipeline parallelism and the DeepSpeed backend do not give; "
              "use loss=auto (chunked where it applies) or loss=full")
+    masking = cfg.data.document_masking or cfg.data.restart_positions
+    _require(not masking or (p.backend == "native" and p.pp == 1),
+             "data.document_masking / data.restart_positions need the native backend without "
+             "pipeline parallelism (the DeepSpeed engine and the pipeline schedules run the "
+             "model without the attention mask); set parallel.pp=1 and parallel.backend=native, "
+             "or turn document masking off")
     if p.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
     else:

@@ -258,7 +258,6 @@ class TrainModule:
         """(summed loss over the batch's targets that are not IGNORE_INDEX, their count)."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """Token-weighted mean loss over every rank's batches (padding rows carry IGNORE_INDEX
         targets), so a fixed global set of windows gives the same loss on any layout."""
@@ -339,6 +338,7 @@ class NativeTrainModule(TrainModule):
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach()
 
+    @torch.no_grad()
     def _eval_sum(self, batch: Batch) -> tuple[Tensor, Tensor]:
         return _mean_times_count(self._loss(batch), batch.targets)
 
@@ -372,7 +372,7 @@ class PipelineTrainModule(TrainModule):
 
     def _eval_sum(self, batch: Batch) -> tuple[Tensor, Tensor]:
         inputs, targets = batch
-        with self.autocast():
+        with self.autocast():  # no_grad inside, except where a V schedule needs backward
             loss_sum = pipeline_eval_sum(self.pipe, inputs, targets)
         return loss_sum, (targets != IGNORE_INDEX).sum()
 
@@ -416,6 +416,7 @@ class DeepSpeedTrainModule(TrainModule):
         self.scheduler.step()
         return StepStats(loss, grad_norm, finite)
 
+    @torch.no_grad()
     def _eval_sum(self, batch: Batch) -> tuple[Tensor, Tensor]:
         inputs, targets = batch
         return _mean_times_count(cross_entropy(self.engine(inputs), targets), targets)

@@ -1,34 +1,32 @@
-"""A tiny fp32 training run under any layout, for comparing layouts with one process.
+"""A tiny fp32 training run under any layout, through the real train module, for comparing
+layouts with one process.
 
-`train(layout)` runs on every rank of a process group (or alone, without one): the same model,
-initial weights, data and optimizer as every other layout. It returns the per-step losses and,
-on the ranks that hold a full copy of some weights after gathering, those weights by name.
-The loss is the trainer's: chunked (inside the model's forward) for one process and the data
-parallel layouts, the full-logits one under tensor or pipeline parallelism.
+`train(layout, steps, val_dir)` runs on every rank of a process group (or alone, without one):
+`pretrain.train.module.build_train_module` builds the layout's train module (native, pipeline
+or DeepSpeed) exactly as the trainer does, from the same model, optimizer and seed, and each
+step is the module's `train_step` on the step's micro-batches. It returns the per-step losses,
+the validation loss of the initial and of the final weights (the loader's fixed global set of
+windows, `eval_windows`), and, on the ranks that hold a full copy of some weights after
+gathering, those weights by name.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, output_whole_on_one_rank
-from pretrain.models.llama import build_model
-from pretrain.models.loss import cross_entropy
+from pretrain.data.loader import Batch, ShardedWindowLoader
+from pretrain.data.shards import write_manifest, write_shard
 from pretrain.parallel.dims import ParallelDims
-from pretrain.parallel.parallelize import (
-    clip_grad_norm_,
-    init_model_weights,
-    parallelize,
-    set_gradient_sync,
-)
-from pretrain.parallel.pipeline import build_pipeline, pipeline_split, pipeline_step
-from pretrain.train.optim import build_optimizer
+from pretrain.parallel.parallelize import clean_fqn
+from pretrain.train.module import StepSettings, TrainModule, build_train_module
 
 TINY = ModelConfig(name="tiny", dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128,
                    multiple_of=32, max_seq_len=32)
@@ -39,7 +37,10 @@ GLOBAL_BATCH = 8
 # Large enough that weights move well beyond the 1e-5 tolerance in 10 steps; the clip is
 # exercised (the norm starts above it).
 OPTIM = OptimConfig(lr=3e-3, eps=1e-6, warmup_steps=0, weight_decay=0.1, grad_clip=0.5,
-                    implementation="foreach")
+                    implementation="foreach", schedule="constant")
+EVAL_WINDOWS = 11
+"""Validation windows: not a multiple of any layout's micro-batch × data-parallel degree, so
+the padding of the last micro-batch is exercised."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class Layout:
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(
             backend="deepspeed" if self.zero_stage else "native",
-            dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, pp=self.pp,
+            dp_replicate=self.dp_replicate, tp=self.tp, pp=self.pp,
+            dp_shard=-1 if self.zero_stage else self.dp_shard,  # ZeRO: data parallel over all
             sequence_parallel=self.sequence_parallel, pp_schedule=self.pp_schedule,
             pp_virtual_stages=self.pp_virtual_stages, pp_microbatches=self.pp_microbatches,
             fsdp_param_dtype="fp32", zero_stage=self.zero_stage,
@@ -95,78 +97,77 @@ def micro_batches(step: int, dp_rank: int, dp: int, micro: int):
         yield inputs[i:i + micro], targets[i:i + micro]
 
 
-def _full_weights(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+def write_val_data(root: Path) -> str:
+    """A prepared dataset of random tokens (a `val` split of 600 tokens) for the evaluations."""
+    rng = np.random.default_rng(SEED)
+    tokens = rng.integers(0, TINY.vocab_size, size=600).astype(np.int64)
+    ends = np.array([150, 400, 600], dtype=np.int64)
+    (root / "val").mkdir(parents=True, exist_ok=True)
+    checksum = write_shard(str(root / "val/000000.bin"), tokens, ends, vocab_size=TINY.vocab_size)
+    shard = {"name": "val/000000.bin", "n_tokens": 600, "n_docs": 3, "checksum": checksum}
+    write_manifest(str(root), {"format": "pretrain-shards", "version": 1,
+                               "vocab_size": TINY.vocab_size,
+                               "tokenizer": {"file": "none", "fingerprint": "synthetic"},
+                               "splits": {"val": {"n_tokens": 600, "shards": [shard]}}})
+    return str(root)
+
+
+def _full_weights(module: TrainModule) -> dict[str, torch.Tensor]:
+    if module.deepspeed:
+        return {clean_fqn(k): v for k, v in module.full_state_dict().items()}
     out: dict[str, torch.Tensor] = {}
-    for part in parts:
+    for part in module.parts:
         sd = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
-        out.update({k: v.detach().clone() for k, v in sd.items()})
+        out.update({clean_fqn(k): v.detach().clone() for k, v in sd.items()})
     return out
 
 
-def _dp_loss_mean(loss: torch.Tensor, mesh, dims: ParallelDims) -> float:
-    if dims.dp > 1:
-        dist.all_reduce(loss, group=mesh["dp"].get_group())
-        loss = loss / dims.dp
-    return float(loss)
-
-
-def train(layout: Layout, steps: int = STEPS) -> dict:
-    """Train `layout` for `steps`; returns {"losses": [...], "weights": {...}}."""
-    if layout.zero_stage:
-        from tests.distributed.parity_deepspeed import train_deepspeed
-
-        return train_deepspeed(layout, steps)
+def build(layout: Layout, steps: int) -> tuple[TrainModule, ParallelDims, int]:
+    """The layout's train module as the trainer builds it; (module, dims, dp rank)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     p = layout.parallel()
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world)
     mesh = dims.build_mesh("cpu")
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    grad_accum = GLOBAL_BATCH // (layout.micro_batch_size * dims.dp)
-    model = build_model(TINY, device="meta")
-    pipe = None
-    if dims.pp_enabled:
-        stages = pipeline_split(model, pp_rank=mesh["pp"].get_local_rank(), pp=dims.pp,
-                                virtual_stages=p.pp_virtual_stages, schedule=p.pp_schedule)
-        for _, part in stages:
-            parallelize(part, dims, mesh, ac_mode=layout.ac_mode, parallel=p, precision="fp32")
-        parts = [part for _, part in stages]
-        pipe = build_pipeline(stages, pp_mesh=mesh["pp"], device=torch.device("cpu"),
-                              schedule=p.pp_schedule, n_microbatches=p.pp_microbatches,
-                              loss_fn=cross_entropy, grad_accum=grad_accum)
-    else:
-        parts = [parallelize(model, dims, mesh, ac_mode=layout.ac_mode, parallel=p,
-                             precision="fp32")]
-    init_model_weights(parts, TINY, SEED, torch.device("cpu"))
-    initial = _full_weights(parts)
-    optimizer = build_optimizer(nn.ModuleList(parts), OPTIM, torch.device("cpu"))
-    params = [q for part in parts for q in part.parameters()]
-    chunked = output_whole_on_one_rank(p)  # as loss=auto in the trainer
+    settings = StepSettings(global_batch_size=GLOBAL_BATCH,
+                            micro_batch_size=layout.micro_batch_size, precision="fp32",
+                            activation_checkpointing=layout.ac_mode,
+                            chunked_loss=output_whole_on_one_rank(p), seed=SEED)
+    module = build_train_module(model=TINY, optim=OPTIM, parallel=p, settings=settings,
+                                dims=dims, mesh=mesh, device=torch.device("cpu"),
+                                total_steps=steps)
+    return module, dims, dp_rank
+
+
+def train(layout: Layout, steps: int = STEPS, val_dir: str | None = None) -> dict:
+    """Train `layout` for `steps`; returns losses, gradient norms, validation losses (with
+    `val_dir`) and the initial and final weights."""
+    module, dims, dp_rank = build(layout, steps)
+    val = None
+    if val_dir is not None:
+        val = ShardedWindowLoader(val_dir, "val", seq_len=SEQ,
+                                  micro_batch_size=layout.micro_batch_size, dp_rank=dp_rank,
+                                  dp_size=dims.dp, vocab_size=TINY.vocab_size)
+    initial = _full_weights(module)
+    val_losses = [module.evaluate(val.eval_windows(EVAL_WINDOWS))["val/loss"]] if val else []
     losses, norms = [], []
     for step in range(steps):
-        loss_sum = torch.zeros(())
-        mbs = list(micro_batches(step, dp_rank, dims.dp, layout.micro_batch_size))
-        for i, (x, y) in enumerate(mbs):
-            set_gradient_sync(parts, i == len(mbs) - 1)
-            if pipe is not None:
-                loss_sum += pipeline_step(pipe, x, y) / grad_accum
-            else:
-                model = parts[0]
-                loss = model(x, targets=y) if chunked else cross_entropy(model(x), y)
-                loss = loss / grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-        pp_mesh = mesh["pp"] if dims.pp_enabled else None
-        norms.append(float(clip_grad_norm_(params, OPTIM.grad_clip, pp_mesh=pp_mesh)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(_dp_loss_mean(loss_sum, mesh, dims))
-    return {"losses": losses, "grad_norms": norms, "weights": _full_weights(parts),
-            "initial": initial, "rank": int(os.environ.get("RANK", 0))}
+        batches = (Batch(x, y) for x, y in
+                   micro_batches(step, dp_rank, dims.dp, layout.micro_batch_size))
+        stats = module.train_step(batches)
+        losses.append(float(stats.loss))
+        norms.append(float(stats.grad_norm))
+    if val is not None:
+        val_losses.append(module.evaluate(val.eval_windows(EVAL_WINDOWS))["val/loss"])
+    return {"losses": losses, "grad_norms": norms, "val_losses": val_losses,
+            "weights": _full_weights(module), "initial": initial,
+            "rank": int(os.environ.get("RANK", 0))}
 
 
-def train_many(layouts: list[Layout], steps: int = STEPS) -> dict[str, dict]:
+def train_many(layouts: list[Layout], steps: int = STEPS,
+               val_dir: str | None = None) -> dict[str, dict]:
     """Several layouts in one process group (spawning ranks costs more than tiny runs)."""
-    return {layout.name: train(layout, steps) for layout in layouts}
+    return {layout.name: train(layout, steps, val_dir) for layout in layouts}
 
 
 def merge_weights(results: list[dict], key: str = "weights") -> dict[str, torch.Tensor]:

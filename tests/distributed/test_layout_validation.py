@@ -91,3 +91,13 @@ def test_deepspeed_config_from_ours_with_extra_keys_merged() -> None:
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
     assert ds["flops_profiler"] == {"enabled": False}
     assert "optimizer" not in ds and "scheduler" not in ds  # ours: AdamW + our schedule
+
+
+@pytest.mark.parametrize("overrides", [dict(backend="deepspeed", zero_stage=2, dp_shard=-1),
+                                       dict(pp=2)])
+def test_document_masking_needs_a_layout_that_passes_the_mask(overrides: dict) -> None:
+    cfg = TrainConfig(model=ModelConfig(n_layers=4), parallel=ParallelConfig(**overrides),
+                      global_batch_size=8, micro_batch_size=2)
+    cfg.data.document_masking = True
+    with pytest.raises(ConfigError, match="document_masking"):
+        validate(cfg, world_size=2)

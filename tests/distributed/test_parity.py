@@ -1,5 +1,7 @@
-"""Every layout trains like one process: same initial weights (bit for bit), per-step losses
-within 1e-5 relative and final weights within 1e-5, over 10 fp32 steps of a tiny model.
+"""Every layout trains like one process, through the real train module: same initial weights
+(bit for bit), per-step losses within 1e-5 relative, final weights within 1e-5, and the same
+validation loss (the loader's fixed global set of windows) of the initial and final weights
+within 1e-5 relative, over 10 fp32 steps of a tiny model.
 
 Layouts run in four spawned process groups (2, 4 and 8 ranks, and 2 under DeepSpeed) that
 train one layout after another, because starting ranks costs more than the tiny runs do. Each
@@ -14,12 +16,14 @@ import torch
 from tests.distributed.helpers import run_distributed
 from tests.distributed.parity import (
     SINGLE,
+    STEPS,
     Layout,
     max_rel_loss_diff,
     max_weight_diff,
     merge_weights,
     train,
     train_many,
+    write_val_data,
 )
 
 PP = dict(pp=2, micro_batch_size=4)  # grad_accum 2 schedule steps of 2 pipeline micro-batches
@@ -63,8 +67,13 @@ def _ids(layouts: list[Layout]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    ref = train(SINGLE)
+def val_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_val_data(tmp_path_factory.mktemp("parity-val"))
+
+
+@pytest.fixture(scope="module")
+def reference(val_dir: str) -> dict:
+    ref = train(SINGLE, STEPS, val_dir)
     # The comparison is only meaningful if training moves the weights well beyond 1e-5.
     moved = max_weight_diff(ref["weights"], ref["initial"])
     assert moved > 1e-2
@@ -72,23 +81,23 @@ def reference() -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks() -> list[dict]:
-    return run_distributed(train_many, 2, TWO_RANKS)
+def two_ranks(val_dir: str) -> list[dict]:
+    return run_distributed(train_many, 2, TWO_RANKS, STEPS, val_dir)
 
 
 @pytest.fixture(scope="module")
-def four_ranks() -> list[dict]:
-    return run_distributed(train_many, 4, FOUR_RANKS)
+def four_ranks(val_dir: str) -> list[dict]:
+    return run_distributed(train_many, 4, FOUR_RANKS, STEPS, val_dir)
 
 
 @pytest.fixture(scope="module")
-def eight_ranks() -> list[dict]:
-    return run_distributed(train_many, 8, EIGHT_RANKS)
+def eight_ranks(val_dir: str) -> list[dict]:
+    return run_distributed(train_many, 8, EIGHT_RANKS, STEPS, val_dir)
 
 
 @pytest.fixture(scope="module")
-def zero_ranks() -> list[dict]:
-    return run_distributed(train_many, 2, ZERO, env=DEEPSPEED_ENV)
+def zero_ranks(val_dir: str) -> list[dict]:
+    return run_distributed(train_many, 2, ZERO, STEPS, val_dir, env=DEEPSPEED_ENV)
 
 
 def assert_parity(name: str, results: list[dict], ref: dict) -> None:
@@ -99,6 +108,9 @@ def assert_parity(name: str, results: list[dict], ref: dict) -> None:
         assert torch.equal(v, ref["initial"][k]), f"{name}: initial {k} differs"
     for r in per_rank:  # every rank reports the global loss
         assert max_rel_loss_diff(r["losses"], ref["losses"]) <= 1e-5, (r["losses"], ref["losses"])
+        # The same weights score the same on the fixed global validation windows.
+        assert max_rel_loss_diff(r["val_losses"], ref["val_losses"]) <= 1e-5, (
+            r["val_losses"], ref["val_losses"])
     assert max_weight_diff(merge_weights(per_rank), ref["weights"]) <= 1e-5
 
 
