@@ -38,16 +38,16 @@ def _model_and_optimizer(preset: str) -> tuple[torch.nn.Module, torch.optim.Opti
 
 def bench(preset: str, out: Path, repeats: int) -> dict[str, float]:
     model, opt = _model_and_optimizer(preset)
-    state = {"counters": {"step": 1}}
+    state = {"app": ckpt.ModelOptimState(model, opt), "counters": ckpt.Record({"step": 1})}
     sync, async_return, async_final, load = [], [], [], []
     for i in range(repeats):
         root = out / preset / str(i)
         t = time.perf_counter()
-        path = ckpt.save_checkpoint(root / "sync", 1, model, opt, state, keep=0)
+        path = ckpt.save_checkpoint(root / "sync", 1, state, keep=0)
         sync.append(time.perf_counter() - t)
         saver = ckpt.Checkpointer(root / "async", keep=0, async_save=True)
         t = time.perf_counter()
-        saver.save(1, model, opt, state)
+        saver.save(1, state)
         async_return.append(time.perf_counter() - t)
         saver.wait()
         async_final.append(time.perf_counter() - t)

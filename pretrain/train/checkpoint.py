@@ -1,12 +1,18 @@
-"""Checkpoints: model and optimizer through torch.distributed.checkpoint (sharded, reshardable),
-the rest of the training state as JSON, written atomically with an integrity manifest.
+"""Checkpoints of one state: a dict of stateful objects under fixed keys (`Run.state()`: the train
+module, counters, schedule, data loader position, spike detector, ...). Exactly one of them is
+the payload, which writes the tensors itself: the train module (model and optimizer through
+torch.distributed.checkpoint, sharded and reshardable; or the DeepSpeed engine's own files). The
+`state_dict()` of every other object goes to trainer_state.json under its key, and loading
+hands each object back its own. Every backend's checkpoint is written atomically by the same
+code here, with an integrity manifest, `latest` and retention.
 
 Layout of a run's checkpoints:
 
     checkpoints/
       latest.json             name of the newest complete checkpoint (moved last)
       step_00000100/
-        .metadata, *.distcp   model + optimizer (DCP; one file per rank)
+        .metadata, *.distcp   model + optimizer (DCP; one file per rank), or
+        deepspeed/            the DeepSpeed engine's files (its ZeRO partitions)
         trainer_state.json    step, tokens, schedule, data loader position, config
         rng_rank{r}.pt        per-rank RNG states
         integrity.json        size and sha256 of every file above (written last)

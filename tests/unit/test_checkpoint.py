@@ -18,9 +18,13 @@ def _model_and_optim(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
+def _state(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict:
+    return {"app": ckpt.ModelOptimState(model, opt), "counters": ckpt.Record({"step": step})}
+
+
 def _save(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
           keep: int = 0) -> Path:
-    return ckpt.save_checkpoint(root, step, model, opt, {"counters": {"step": step}}, keep=keep)
+    return ckpt.save_checkpoint(root, step, _state(model, opt, step), keep=keep)
 
 
 def test_round_trip_restores_model_and_optimizer(tmp_path: Path) -> None:
@@ -34,6 +38,35 @@ def test_round_trip_restores_model_and_optimizer(tmp_path: Path) -> None:
     sa, sb = opt.state_dict()["state"], other_opt.state_dict()["state"]
     for k in sa:
         assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"])
+
+
+class Position:
+    """A JSON-side stateful object, like the loader or the counters."""
+
+    def __init__(self, at: int = 0) -> None:
+        self.at = at
+
+    def state_dict(self) -> dict:
+        return {"at": self.at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.at = state["at"]
+
+
+def test_one_state_dict_saves_and_loads_every_object(tmp_path: Path) -> None:
+    model, opt = _model_and_optim(0)
+    path = ckpt.save_checkpoint(tmp_path, 3, {"app": ckpt.ModelOptimState(model, opt),
+                                              "position": Position(42)}, keep=0)
+    other, other_opt = _model_and_optim(1)
+    position = Position()
+    ckpt.load_state(path, {"app": ckpt.ModelOptimState(other, other_opt), "position": position})
+    assert position.at == 42
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    with pytest.raises(ckpt.CheckpointError, match="'missing'"):
+        ckpt.load_state(path, {"app": ckpt.ModelOptimState(other, other_opt),
+                               "missing": Position()})
+    with pytest.raises(ValueError, match="exactly one payload"):
+        ckpt.save_checkpoint(tmp_path, 4, {"position": Position()}, keep=0)
 
 
 def test_flipped_byte_is_named_and_auto_resume_falls_back(tmp_path: Path) -> None:
@@ -72,7 +105,7 @@ def test_async_save_is_the_state_at_the_call(tmp_path: Path) -> None:
     sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
     _save(sync_dir, 1, model, opt)
     saver = ckpt.Checkpointer(async_dir, keep=0, async_save=True)
-    saver.save(1, model, opt, {"counters": {"step": 1}})
+    saver.save(1, _state(model, opt, 1))
     with torch.no_grad():  # change everything right after the call
         for p in model.parameters():
             p.add_(100.0)
