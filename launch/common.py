@@ -79,12 +79,23 @@ def _known_keys(schema: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def suggestion(key: str, known: list[str]) -> str | None:
+    """The key the user most likely meant: the same name in another section (`lr` →
+    `optim.lr`), else a key of the same section that starts with it or is spelled alike."""
+    parent, _, leaf = key.rpartition(".")
+    elsewhere = [k for k in known if k.rpartition(".")[2] == leaf]
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    longer = sorted((k for k in siblings if k.startswith(key)), key=len)
+    alike = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    return next(iter(elsewhere + longer + alike), None)
+
+
 def unknown_keys_message(keys: list[str]) -> str:
     known = _known_keys(TrainConfig)
     named = []
     for key in keys:
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-        named.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        close = suggestion(key, known)
+        named.append(f"{key} (did you mean {close}?)" if close else key)
     return (f"unknown config key{'s' * (len(keys) > 1)} {', '.join(named)}; every key is "
             "listed with its meaning in pretrain/config.py, and the composed config is shown "
             "by --cfg job")

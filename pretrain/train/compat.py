@@ -72,11 +72,12 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
         return
     if len(mismatches) == 1:
         name, now, old = mismatches[0]
-        what = f"{name} is {now} but checkpoint {found} was written with {old}"
+        what = (f"{name} is {_override(now)} but checkpoint {found} was written with "
+                f"{_override(old)}")
     else:
-        what = (", ".join(f"{name} is {now}" for name, now, _ in mismatches)
+        what = (", ".join(f"{name} is {_override(now)}" for name, now, _ in mismatches)
                 + f" but checkpoint {found} was written with "
-                + ", ".join(f"{name}={old}" for name, _, old in mismatches))
+                + ", ".join(f"{name}={_override(old)}" for name, _, old in mismatches))
     restore = " ".join(f"{name}={_override(old)}" for name, _, old in mismatches)
     raise ConfigError(f"resume refused: {what}; restore {restore}, or start a new run "
                       "(another run_name, or resume=none)")

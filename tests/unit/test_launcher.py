@@ -72,3 +72,24 @@ def test_launch_rejects_a_layout_the_world_cannot_hold(tmp_path: Path) -> None:
          "parallel=tp", "launcher.dry_run=true", f"output_root={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "world size 3" in proc.stderr
+
+
+def test_unknown_keys_are_named_and_open_maps_stay_open() -> None:
+    from omegaconf import OmegaConf
+
+    from launch.common import unknown_keys, unknown_keys_message
+    from pretrain.config import TrainConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
+        "tags": {"sweep": 1}, "parallel": {"deepspeed_extra": {"zero_optimization": {"x": 1}}},
+        "launcher": {"env": {"NCCL_DEBUG": "INFO"}},
+        "data": {"mix": {"web": {"dir": "/d", "weight": 1.0}}}})
+    assert unknown_keys(cfg, TrainConfig) == []
+    with_extra = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(cfg)), {
+        "optim": {"lrr": 0.1}, "faults": {"nan_at": 3}, "stepz": 5, "hydra": {"run": {}}})
+    unknown = unknown_keys(with_extra, TrainConfig)
+    assert unknown == ["optim.lrr", "faults.nan_at", "stepz"]
+    message = unknown_keys_message(unknown)
+    assert "optim.lrr (did you mean optim.lr?)" in message
+    assert "faults.nan_at (did you mean faults.nan_at_step?)" in message
+    assert "stepz (did you mean steps?)" in message and "\n" not in message
