@@ -136,3 +136,14 @@ def test_export_consolidate_and_generate_tools(tiny_run: Path, tmp_path: Path,
     assert generate_main([str(tiny_run), "--prompt", "import", "--max-new-tokens", "5",
                           "--temperature", "0"]) == 0
     assert "--- 'import'" in capsys.readouterr().out
+
+
+def test_compiled_run_finishes_with_samples(cache_dir: Path, tmp_path: Path) -> None:
+    """compile=true (the CUDA default) end to end: training, evaluation, checkpoint, and the
+    sampled texts, whose KV-cache shapes change every token (generation runs eagerly)."""
+    run_train(cache_dir, tmp_path, "compiled", "compile=true", "steps=3", "eval_every=0",
+              "sample_prompts=[def,import,class]", "sample_tokens=12", timeout=600)
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert [s["prompt"] for s in summary["samples"]] == ["def", "import", "class"]
+    assert any(s["completion"] for s in summary["samples"])
