@@ -137,4 +137,4 @@ def deepspeed_launch_hint() -> str:
     return ("parallel.backend=deepspeed needs its ranks started by a launcher, not one plain "
             "process: pretrain-launch launcher=deepspeed launcher.nproc_per_node=N ..., "
             "deepspeed --no_local_rank --num_gpus N --module launch.train ..., or "
-            "torchrun --nproc_per_node N -m launch.train ... (N=1 for one process)")
+            "torchrun --nproc_per_node N -m launch.train ...")

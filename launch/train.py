@@ -11,8 +11,6 @@ start leaves an existing run as it was.
 
 from __future__ import annotations
 
-import inspect
-import os
 from pathlib import Path
 
 import hydra
@@ -48,12 +46,7 @@ def hydra_main(dcfg: DictConfig) -> float:
 
     try:
         check_resume(cfg, run_dir)
-        if "on_start" in inspect.signature(train).parameters:
-            summary = train(cfg, run_dir, on_start=on_start)
-        else:  # a trainer without the hook: write as late as it allows
-            if int(os.environ.get("RANK", 0)) == 0:
-                on_start()
-            summary = train(cfg, run_dir)
+        summary = train(cfg, run_dir, on_start=on_start)
     except PretrainError as e:
         fail(str(e))
     return float(summary["best_val_loss"])
