@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from launch.common import config_dir
 from pretrain.config import ModelConfig
 from pretrain.perf.bench import (
     DEFAULT_ROWS,
@@ -29,7 +30,7 @@ from pretrain.perf.bench import (
     run_bench,
 )
 
-CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF_MODEL = Path(config_dir()) / "model"
 
 
 def load_model_config(name: str) -> ModelConfig:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from launch.common import config_dir
 from pretrain.config import ModelConfig, OptimConfig
 from pretrain.models.llama import build_model, count_params
 from pretrain.train import checkpoint as ckpt
@@ -25,7 +26,7 @@ from pretrain.train.optim import build_optimizer
 
 
 def _model_and_optimizer(preset: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    conf = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{preset}.yaml"
+    conf = Path(config_dir()) / "model" / f"{preset}.yaml"
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                               OmegaConf.load(conf)))
     model = build_model(cfg, device="cpu")

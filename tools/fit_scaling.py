@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from launch.common import config_dir
 from pretrain.scaling.collect import RunResult, SkippedRun, collect_runs
 from pretrain.scaling.fit import (
     MIN_BUDGETS,
@@ -36,7 +37,7 @@ from pretrain.scaling.fit import (
     recommend,
 )
 
-DEFAULT_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
+DEFAULT_CONF_DIR = Path(config_dir()) / "model"
 FIT_SCHEMA_VERSION = 1
 
 

@@ -106,9 +106,13 @@ class DistEnv:
         return torch.device("cpu")
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: int) -> None:
-    """Create the default process group when launched with more than one process."""
-    if env.world_size == 1 or dist.is_initialized():
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: int, *,
+                     always: bool = False) -> None:
+    """Create the default process group when launched with more than one process, or with
+    `always` (the DeepSpeed engine needs one even for a single rank) when a launcher set the
+    rendezvous address."""
+    alone = env.world_size == 1 and not (always and "MASTER_ADDR" in os.environ)
+    if alone or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)

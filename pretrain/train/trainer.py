@@ -183,7 +183,8 @@ def build_loaders(cfg: TrainConfig, data: PreparedData, dims: ParallelDims,
 def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     env = DistEnv.from_env()
     device = pick_device(cfg.device, env)
-    init_distributed(env, device, cfg.parallel.timeout_s)
+    init_distributed(env, device, cfg.parallel.timeout_s,
+                     always=cfg.parallel.backend == "deepspeed")
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
     mesh = dims.build_mesh(device.type)

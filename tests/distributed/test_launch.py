@@ -27,8 +27,8 @@ def launch(cmd_prefix: list[str], cache_dir: Path, out: Path, name: str,
     return proc
 
 
-def torchrun(cache_dir: Path, out: Path, name: str, *overrides: str) -> Path:
-    launch(torchrun_cmd(2, "-m", "launch.train"), cache_dir, out, name, *overrides)
+def torchrun(cache_dir: Path, out: Path, name: str, *overrides: str, nproc: int = 2) -> Path:
+    launch(torchrun_cmd(nproc, "-m", "launch.train"), cache_dir, out, name, *overrides)
     return out / name
 
 
@@ -90,6 +90,13 @@ def test_torchrun_deepspeed_backend_and_resume(cache_dir: Path, out: Path,
     assert_same_losses(run_dir, one_process)
     assert (run_dir / "checkpoints" / "step_00000003" / "deepspeed").is_dir()
     resume_from_step_3(cache_dir, out, run_dir, "parallel=zero2")
+
+
+def test_torchrun_deepspeed_backend_on_one_rank(cache_dir: Path, out: Path,
+                                                one_process: dict[int, float]) -> None:
+    # The engine needs a process group even for one rank; the trainer creates it.
+    run_dir = torchrun(cache_dir, out, "zero2_one_rank", "parallel=zero2", nproc=1)
+    assert_same_losses(run_dir, one_process)
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="no deepspeed launcher on PATH")
