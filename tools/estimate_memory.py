@@ -11,7 +11,9 @@ conf/train.yaml), so the estimate is of exactly the run you would launch. `--dry
 builds the sharded model on the meta device for every pipeline rank, on this one CPU process
 with a fake process group, and prints the mesh, the layers of each stage and the parameters
 each rank holds (see pretrain/parallel/dryrun.py). `--measure` checks the estimate against a
-real run: two fp32 training steps on this CPU, resident-set growth vs estimated peak.
+real run: two steps of the trainer's own train module built from this config on one CPU process
+(fp32; the config's loss, checkpointing and gradient accumulation), resident-set growth vs
+estimated peak (see pretrain/perf/memory.py).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="also parallelize the meta model per pipeline rank (fake process group)")
     p.add_argument("--measure", action="store_true",
-                   help="also run two fp32 training steps of this config in one CPU process and "
-                        "print the measured peak next to the estimate (world size 1)")
+                   help="also run two training steps of this config's train module in one CPU "
+                        "process and print the measured peak next to the estimate (world size "
+                        "1, precision=fp32)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return p.parse_args(argv)
 
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     common = dict(world_size=args.world_size, micro_batch_size=cfg.micro_batch_size,
                   seq_len=cfg.seq_len, precision=cfg.precision,
-                  activation_checkpointing=cfg.activation_checkpointing)
+                  activation_checkpointing=cfg.activation_checkpointing, loss=cfg.loss)
     if args.dry_run:
         report = dry_run(cfg.model, cfg.parallel, **common)
         print(json.dumps(asdict(report), indent=1) if args.json else report.format())
@@ -84,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"model {cfg.model.name}, world {args.world_size} (dp_replicate {p.dp_replicate}, "
               f"dp_shard {p.dp_shard}, tp {p.tp}, pp {p.pp}, backend {p.backend}), "
               f"precision {cfg.precision}, activation checkpointing "
-              f"{cfg.activation_checkpointing}, micro-batch {cfg.micro_batch_size} × "
-              f"{cfg.seq_len} tokens")
+              f"{cfg.activation_checkpointing}, {loss_name(cfg)} loss, micro-batch "
+              f"{cfg.micro_batch_size} × {cfg.seq_len} tokens")
         print(est.format())
         if measured is not None:
             print(f"  {'measured peak':<16} {measured / 2**30:10.3f} GiB "
@@ -93,15 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def loss_name(cfg: TrainConfig) -> str:
+    """'chunked' or 'full': the loss the trainer runs for `cfg` (loss=auto resolved)."""
+    from pretrain.train.module import uses_chunked_loss
+
+    return "chunked" if uses_chunked_loss(cfg) else "full"
+
+
 def measure(cfg: TrainConfig, world_size: int) -> int:
-    from pretrain.parallel.memory import measure_cpu_peak_in_subprocess
+    """The measured peak of `cfg`'s train module on this CPU. fp32 only: CPU autocast adds
+    temporaries a GPU run does not have (fp32 results cast into bf16 outputs), so a bf16 CPU
+    measurement would check the CPU's kernels rather than the estimate."""
+    from pretrain.perf.memory import measure_cpu_peak_in_subprocess
 
     if world_size != 1 or cfg.precision != "fp32" or cfg.parallel.backend != "native":
-        raise SystemExit("error: --measure runs one native fp32 process: use --world-size 1 "
-                         "and precision=fp32")
-    return measure_cpu_peak_in_subprocess(cfg.model, micro_batch_size=cfg.micro_batch_size,
-                                          seq_len=cfg.seq_len,
-                                          activation_checkpointing=cfg.activation_checkpointing)
+        raise SystemExit("error: --measure runs one native fp32 process: use --world-size 1, "
+                         "precision=fp32 and parallel.backend=native")
+    return measure_cpu_peak_in_subprocess(cfg)
 
 
 if __name__ == "__main__":

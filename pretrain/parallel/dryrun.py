@@ -107,8 +107,9 @@ def _rank_report(model_cfg: ModelConfig, parallel: ParallelConfig, dims: Paralle
 
 def dry_run(model_cfg: ModelConfig, parallel: ParallelConfig, *, world_size: int,
             micro_batch_size: int, seq_len: int, precision: str = "bf16",
-            activation_checkpointing: str = "none") -> DryRunReport:
-    """Parallelize the meta model as each pipeline rank would; see the module docstring."""
+            activation_checkpointing: str = "none", loss: str = "auto") -> DryRunReport:
+    """Parallelize the meta model as each pipeline rank would; see the module docstring.
+    `loss` is the config's ('auto', 'chunked' or 'full'), for the memory estimate."""
     if dist.is_initialized():
         raise RuntimeError("dry_run needs a process without a process group (it creates fake "
                            "ones)")
@@ -122,7 +123,7 @@ def dry_run(model_cfg: ModelConfig, parallel: ParallelConfig, *, world_size: int
                                  micro_batch_size=micro_batch_size, seq_len=seq_len,
                                  precision=precision,
                                  activation_checkpointing=activation_checkpointing,
-                                 pp_rank=pp_rank)
+                                 loss=loss, pp_rank=pp_rank)
         report, mesh = _rank_report(model_cfg, parallel, dims, pp_rank,
                                     ac_mode=activation_checkpointing, precision=precision,
                                     memory=memory)

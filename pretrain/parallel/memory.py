@@ -17,27 +17,38 @@ The model of memory, per rank (the pipeline rank with the largest peak):
   rank holds at once (all for GPipe/LoopedBFS, up to pp−rank for 1F1B, up to pp per virtual
   stage for the interleaved and zero-bubble schedules, an approximation). Full activation
   checkpointing keeps each block's input plus one block being recomputed; selective keeps the
-  matmul and attention outputs.
-- Transients: the loss backward's two fp32 logit-sized buffers; FSDP's gathered (unsharded)
-  parameters and gradients of the blocks in flight; autocast's low-precision weight copies.
+  block input, attention's output and every other matmul output (the policy of
+  `parallelize._selective_context`).
+- The loss follows the config's choice (`loss`, resolved as the trainer does: 'auto' is chunked
+  where one rank holds the whole output projection, `pretrain.config.output_whole_on_one_rank`).
+  The full loss keeps the (N, V) logits and log-probabilities, and its backward adds two fp32
+  logit-sized buffers. The chunked loss (`pretrain.models.loss.linear_cross_entropy`) never
+  forms them: it saves the gradients it computes in forward (hidden states', in the matmul
+  dtype, and the output weight's, fp32), and its transients are one chunk of fp32 logits
+  (`default_chunk_tokens` rows), that chunk's gradient and the previous chunk's (still held
+  while the next is computed), plus the matmul-dtype copies of the hidden states and the weight
+  under autocast.
+- Transients, besides the loss's: FSDP's gathered (unsharded) parameters and gradients of the
+  blocks in flight; autocast's low-precision weight copies. The loss's buffers are freed before
+  backward recomputes the first block under checkpointing, so only what exceeds that block
+  (counted in the activations) is added.
 
-Not modelled: allocator fragmentation and caching, communication buffers (NCCL, DeepSpeed's
-reduce/allgather buckets), CUDA context and kernels' workspaces. Checked on CPU in fp32 against
-the measured resident-set growth (tests/unit/test_memory.py; figures in the README).
+The peak is the sum of the parts, as if they coexisted; they nearly do at the end of forward
+(with gradient accumulation, the gradients of earlier micro-batches are there too), so with one
+micro-batch per step it errs high by up to the gradients. Not modelled: allocator fragmentation
+and caching, communication buffers (NCCL, DeepSpeed's reduce/allgather buckets), CUDA context,
+code and kernels' workspaces. Checked on CPU against the measured resident-set growth of the
+trainer's own train module (`pretrain.perf.memory`; tests/unit/test_memory.py, the README).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-from pretrain.config import ModelConfig, OptimConfig, ParallelConfig
+from pretrain.config import ModelConfig, ParallelConfig, output_whole_on_one_rank
 from pretrain.models.llama import ffn_hidden_dim
+from pretrain.models.loss import default_chunk_tokens
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.pipeline import stage_ids, stage_layers
 
@@ -135,13 +146,14 @@ def _block_saved(cfg: ModelConfig, *, half: bool, tp: int, sp: bool) -> list[tup
 
 
 def _selective_saved(cfg: ModelConfig, *, half: bool, tp: int, sp: bool) -> list[tuple[float, int]]:
-    """Selective checkpointing keeps the block input and the outputs of mm/addmm/bmm and SDPA."""
+    """Selective checkpointing keeps the block input, SDPA's output and every other matmul
+    output: of wq, wk, wv, wo, w1, w3, w2 (in the order they run) those of wq, wv, w1 and w2."""
     q, kv = _head_dims(cfg)
     hidden = ffn_hidden_dim(cfg)
     lin = 2 if half else 4
     seq = tp if sp else 1
-    return [(cfg.dim / seq, 4), ((q + 2 * kv) / tp, lin), (q / tp, lin), (cfg.dim, lin),
-            (2 * hidden / tp, lin), (cfg.dim, lin)]
+    return [(cfg.dim / seq, 4), (q / tp, lin), (kv / tp, lin), (q / tp, lin),
+            (hidden / tp, lin), (cfg.dim, lin)]
 
 
 def _bytes_per_token(items: list[tuple[float, int]]) -> float:
@@ -162,13 +174,40 @@ def block_activation_bytes(cfg: ModelConfig, tokens: int, *, half: bool, tp: int
 
 
 def output_activation_bytes(cfg: ModelConfig, tokens: int, *, half: bool, tp: int,
-                            sp: bool) -> float:
-    """Final norm, logits (kept by the caller) and log-probabilities (saved by the loss)."""
+                            sp: bool, chunked: bool = False) -> float:
+    """What the last stage saves after the blocks: the final norm's tensors, then with the full
+    loss the logits (kept by the caller) and log-probabilities (saved by the loss), with the
+    chunked loss the gradients it computed in forward (see `chunked_loss_bytes`)."""
     seq = tp if sp else 1
     v = cfg.vocab_size
-    norm = (2 * cfg.dim / seq) * 4 + cfg.dim * (2 if half else 4)
+    norm = tokens * ((2 * cfg.dim / seq) * 4 + cfg.dim * (2 if half else 4))
+    if chunked:
+        return norm + chunked_loss_bytes(cfg, tokens, half=half)[0]
     logits = v * (2 + 4 if half else 4)  # under autocast: half logits and their fp32 copy
-    return tokens * (norm + logits + v * 4)
+    return norm + tokens * (logits + v * 4)
+
+
+def loss_transient_bytes(cfg: ModelConfig, tokens: int, *, half: bool, chunked: bool) -> float:
+    """The loss's short-lived buffers: the full loss's backward holds two fp32 (N, V) buffers;
+    the chunked loss's are in `chunked_loss_bytes`."""
+    if chunked:
+        return chunked_loss_bytes(cfg, tokens, half=half)[1]
+    return 2 * tokens * cfg.vocab_size * 4
+
+
+def chunked_loss_bytes(cfg: ModelConfig, tokens: int, *, half: bool) -> tuple[float, float]:
+    """(saved, transient) bytes of `linear_cross_entropy` over `tokens` tokens (the output
+    projection whole on this rank). Saved for backward: d/dhidden (N, D) in the matmul dtype and
+    d/dweight (V, D) in fp32. Transient, at its highest while a chunk's logits are formed: the
+    chunk's fp32 logits and its gradient in the matmul dtype, the previous chunk's gradient
+    (still referenced), and under autocast the matmul-dtype copies of hidden and weight."""
+    v, d = cfg.vocab_size, cfg.dim
+    mm = 2 if half else 4
+    chunk = min(default_chunk_tokens(v), tokens)
+    grads_held = 2 if tokens > chunk else 1
+    saved = tokens * d * mm + v * d * 4
+    transient = chunk * v * (4 + grads_held * mm) + ((v + tokens) * d * 2 if half else 0)
+    return saved, transient
 
 
 def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, n_micro: int) -> int:
@@ -278,21 +317,26 @@ def estimate_memory(
     seq_len: int,
     precision: str = "bf16",
     activation_checkpointing: str = "none",
+    loss: str = "auto",
     pp_rank: int | None = None,
 ) -> MemoryEstimate:
-    """The estimate for pipeline rank `pp_rank`, or for the one with the largest peak."""
+    """The estimate for pipeline rank `pp_rank`, or for the one with the largest peak. `loss` is
+    the config's: 'full', 'chunked', or 'auto' (chunked where one rank holds the whole output
+    projection, as the trainer resolves it)."""
     dims = ParallelDims(parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.pp,
                         world_size)
+    chunked = loss == "chunked" or (loss == "auto" and output_whole_on_one_rank(parallel))
     ranks = range(dims.pp) if pp_rank is None else [pp_rank]
     estimates = [_estimate_rank(cfg, parallel, dims, r, micro_batch_size=micro_batch_size,
                                 seq_len=seq_len, precision=precision,
-                                ac_mode=activation_checkpointing) for r in ranks]
+                                ac_mode=activation_checkpointing, chunked=chunked)
+                 for r in ranks]
     return max(estimates, key=lambda e: e.peak)
 
 
 def _estimate_rank(cfg: ModelConfig, parallel: ParallelConfig, dims: ParallelDims, pp_rank: int,
                    *, micro_batch_size: int, seq_len: int, precision: str,
-                   ac_mode: str) -> MemoryEstimate:
+                   ac_mode: str, chunked: bool) -> MemoryEstimate:
     v = parallel.pp_virtual_stages if dims.pp_enabled else 1
     schedule = parallel.pp_schedule
     n_stages = dims.pp * v
@@ -317,89 +361,15 @@ def _estimate_rank(cfg: ModelConfig, parallel: ParallelConfig, dims: ParallelDim
         per_mb = block_activation_bytes(cfg, tokens, half=half, tp=dims.tp, sp=sp,
                                         n_blocks=n_blocks, ac_mode=ac_mode)
         if stage == n_stages - 1:
-            per_mb += output_activation_bytes(cfg, tokens, half=half, tp=dims.tp, sp=sp)
-            b.transients += 2 * tokens * cfg.vocab_size * 4  # loss backward buffers
+            per_mb += output_activation_bytes(cfg, tokens, half=half, tp=dims.tp, sp=sp,
+                                              chunked=chunked)
+            # The loss's buffers are gone before backward recomputes a block (counted in the
+            # activations under checkpointing): only what exceeds that block adds to the peak.
+            recomputed = block_activation_bytes(cfg, tokens, half=half, tp=dims.tp, sp=sp,
+                                                n_blocks=min(n_blocks, 1), ac_mode="none")
+            loss = loss_transient_bytes(cfg, tokens, half=half, chunked=chunked)
+            b.transients += max(0.0, loss - (recomputed if ac_mode != "none" else 0.0))
         acts += per_mb * in_flight
     return MemoryEstimate(pp_rank=pp_rank, stages=stages, local_params=n_local,
                           params=b.params, grads=b.grads, optimizer=b.optimizer,
                           activations=acts, transients=b.transients)
-
-
-# ------------------------------------------------------------------------------ benchmark
-
-
-def _proc_status_bytes(field: str) -> int:
-    """A `kB` field of /proc/self/status (Linux) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    """Start VmHWM afresh from the current RSS (Linux >= 4.0; harmless where refused)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def measure_cpu_peak(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int,
-                     activation_checkpointing: str = "none", steps: int = 2) -> int:
-    """Peak resident-set growth in bytes over `steps` fp32 single-process training steps (the
-    trainer's sequence: forward keeping the logits, loss, backward, AdamW step, zero_grad).
-
-    Linux only. For figures that track live tensors rather than allocator caching, run it in a
-    fresh process started with MALLOC_MMAP_THRESHOLD_=65536 (glibc then maps every large
-    tensor and unmaps it when freed); `tools/estimate_memory.py --measure` does so.
-    """
-    import torch
-
-    from pretrain.models.llama import build_model
-    from pretrain.models.loss import cross_entropy
-    from pretrain.parallel.parallelize import apply_activation_checkpointing, init_model_weights
-    from pretrain.train.optim import build_optimizer
-
-    gen = torch.Generator().manual_seed(0)
-    inputs = torch.randint(0, cfg.vocab_size, (micro_batch_size, seq_len), generator=gen)
-    targets = torch.randint(0, cfg.vocab_size, (micro_batch_size, seq_len), generator=gen)
-    _reset_peak_rss()
-    base = _proc_status_bytes("VmRSS")
-    model = build_model(cfg, device="meta")
-    apply_activation_checkpointing(model, activation_checkpointing)
-    init_model_weights(model, cfg, 0, torch.device("cpu"))
-    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
-    for _ in range(steps):
-        logits = model(inputs)
-        cross_entropy(logits, targets).backward()
-        del logits
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return _proc_status_bytes("VmHWM") - base
-
-
-def measure_cpu_peak_in_subprocess(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int,
-                                   activation_checkpointing: str = "none", steps: int = 2,
-                                   timeout_s: float = 600) -> int:
-    """`measure_cpu_peak` in a fresh Python process that maps large tensors (see there)."""
-    args = dict(micro_batch_size=micro_batch_size, seq_len=seq_len,
-                activation_checkpointing=activation_checkpointing, steps=steps)
-    code = (
-        "import json, sys, torch\n"
-        "torch.set_num_threads(1)\n"
-        "from pretrain.config import ModelConfig\n"
-        "from pretrain.parallel.memory import measure_cpu_peak\n"
-        "cfg, args = json.loads(sys.argv[1])\n"
-        "print(measure_cpu_peak(ModelConfig(**cfg), **args))\n"
-    )
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps([asdict(cfg), args])],
-                          env=env, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory measurement failed:\n{proc.stderr[-3000:]}")
-    return int(proc.stdout.split()[-1])
-
