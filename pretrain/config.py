@@ -365,6 +365,13 @@ def output_whole_on_one_rank(p: ParallelConfig) -> bool:
     return p.tp == 1 and p.pp == 1 and p.backend == "native"
 
 
+def uses_chunked_loss(loss: str, p: ParallelConfig) -> bool:
+    """Whether `loss` ('auto', 'chunked', 'full') computes the chunked cross-entropy on layout
+    `p`: 'auto' chooses it where one rank holds the whole output projection (validation has
+    refused loss=chunked elsewhere)."""
+    return loss == "chunked" or (loss == "auto" and output_whole_on_one_rank(p))
+
+
 def default_run_name() -> str:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id != "none":

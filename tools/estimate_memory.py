@@ -25,11 +25,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from launch.common import config_dir
 from pretrain.config import TrainConfig, register_configs
 from pretrain.errors import ConfigError
 from pretrain.validate import validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(config_dir())
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -98,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def loss_name(cfg: TrainConfig) -> str:
     """'chunked' or 'full': the loss the trainer runs for `cfg` (loss=auto resolved)."""
-    from pretrain.train.module import uses_chunked_loss
+    from pretrain.config import uses_chunked_loss
 
-    return "chunked" if uses_chunked_loss(cfg) else "full"
+    return "chunked" if uses_chunked_loss(cfg.loss, cfg.parallel) else "full"
 
 
 def measure(cfg: TrainConfig, world_size: int) -> int:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pretrain.config import ModelConfig, ParallelConfig, output_whole_on_one_rank
+from pretrain.config import ModelConfig, ParallelConfig, uses_chunked_loss
 from pretrain.models.llama import ffn_hidden_dim
 from pretrain.models.loss import default_chunk_tokens
 from pretrain.parallel.dims import ParallelDims
@@ -325,7 +325,7 @@ def estimate_memory(
     projection, as the trainer resolves it)."""
     dims = ParallelDims(parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.pp,
                         world_size)
-    chunked = loss == "chunked" or (loss == "auto" and output_whole_on_one_rank(parallel))
+    chunked = uses_chunked_loss(loss, parallel)
     ranks = range(dims.pp) if pp_rank is None else [pp_rank]
     estimates = [_estimate_rank(cfg, parallel, dims, r, micro_batch_size=micro_batch_size,
                                 seq_len=seq_len, precision=precision,

@@ -38,10 +38,15 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
-from pretrain.config import output_whole_on_one_rank as _whole_output
+from pretrain.config import (
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    uses_chunked_loss,
+)
 from pretrain.data.loader import Batch
-from pretrain.errors import CheckpointError
+from pretrain.errors import CheckpointError, ConfigError
 from pretrain.models.llama import attention_backends, build_model, check_initialized
 from pretrain.models.loss import IGNORE_INDEX, cross_entropy
 from pretrain.parallel import deepspeed_backend as ds
@@ -90,7 +95,8 @@ class StepSettings:
         return cls(global_batch_size=cfg.global_batch_size,
                    micro_batch_size=cfg.micro_batch_size, precision=cfg.precision,
                    activation_checkpointing=cfg.activation_checkpointing,
-                   compile=compile_enabled(cfg, device), chunked_loss=uses_chunked_loss(cfg),
+                   compile=compile_enabled(cfg, device),
+                   chunked_loss=uses_chunked_loss(cfg.loss, cfg.parallel),
                    sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed)
 
 
@@ -100,12 +106,6 @@ def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.compile is not None:
         return cfg.compile
     return device.type == "cuda" and cfg.parallel.backend == "native"
-
-
-def uses_chunked_loss(cfg: TrainConfig) -> bool:
-    """loss=auto: chunked where one rank holds the whole output projection (validation has
-    refused loss=chunked elsewhere)."""
-    return cfg.loss == "chunked" or (cfg.loss == "auto" and _whole_output(cfg.parallel))
 
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any]:
@@ -140,7 +140,12 @@ class TrainModule:
                  device: torch.device, total_steps: int) -> None:
         self.model_cfg, self.optim_cfg, self.parallel = model, optim, parallel
         self.settings, self.dims, self.mesh, self.device = settings, dims, mesh, device
-        self.grad_accum = settings.global_batch_size // (settings.micro_batch_size * dims.dp)
+        per_step = settings.micro_batch_size * dims.dp
+        if settings.global_batch_size % per_step or settings.global_batch_size < per_step:
+            raise ConfigError(f"global_batch_size={settings.global_batch_size} is not a positive "
+                              f"multiple of micro_batch_size={settings.micro_batch_size} × "
+                              f"data-parallel degree {dims.dp}; change one of them")
+        self.grad_accum = settings.global_batch_size // per_step
         self.autocast = autocast_factory(settings.precision, device)
         self._build()
         self.optimizer = build_optimizer(self.model, optim, device)

@@ -16,12 +16,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
-from pretrain.config import SDPA_BACKENDS, TrainConfig, register_configs
+from pretrain.config import SDPA_BACKENDS, TrainConfig, register_configs, uses_chunked_loss
 from pretrain.errors import ConfigError, NonFiniteError
 from pretrain.models.llama import SDPA_KERNELS
 from pretrain.train.guards import StepWatchdog
 from pretrain.train.hooks import settle
-from pretrain.train.module import compile_enabled, uses_chunked_loss
+from pretrain.train.module import compile_enabled
 from pretrain.train.trainer import Run, setup, train, train_loop, train_step, write_json
 from pretrain.validate import validate
 from tests.conftest import REPO, TINY
@@ -68,6 +68,10 @@ def step(run: Run) -> None:
 
 def model_state(run: Run) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in run.module.model.state_dict().items()}
+
+
+def chunked(cfg: TrainConfig) -> bool:
+    return uses_chunked_loss(cfg.loss, cfg.parallel)
 
 
 def test_steps_between_log_steps_read_nothing_from_the_device(cache_dir: Path,
@@ -143,10 +147,10 @@ def test_chunked_loss_trains_like_the_full_loss(cache_dir: Path, tmp_path: Path,
 
 
 def test_loss_auto_is_chunked_only_where_the_output_is_whole(tmp_path: Path) -> None:
-    assert uses_chunked_loss(make_config(tmp_path))
-    assert uses_chunked_loss(make_config(tmp_path, "parallel=fsdp", world_size=2))
-    assert not uses_chunked_loss(make_config(tmp_path, "parallel=tp", world_size=2))
-    assert not uses_chunked_loss(make_config(tmp_path, "parallel=zero2", world_size=2))
+    assert chunked(make_config(tmp_path))
+    assert chunked(make_config(tmp_path, "parallel=fsdp", world_size=2))
+    assert not chunked(make_config(tmp_path, "parallel=tp", world_size=2))
+    assert not chunked(make_config(tmp_path, "parallel=zero2", world_size=2))
     with pytest.raises(ConfigError, match="loss=chunked needs the whole output projection"):
         make_config(tmp_path, "parallel=tp", "loss=chunked", world_size=2)
 
