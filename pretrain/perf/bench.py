@@ -53,6 +53,7 @@ from pretrain.models.llama import (
 from pretrain.models.loss import cross_entropy
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import init_model_weights
+from pretrain.train.host import tune_cpu_allocator
 from pretrain.train.metrics import GPU_BF16_PEAK, gpu_peak_flops, measure_cpu_bf16_flops
 from pretrain.train.module import StepSettings, TrainModule, build_train_module
 from pretrain.validate import validate_model
@@ -563,6 +564,8 @@ def run_bench(s: BenchSettings,
     (a long GPU run that is cut short keeps what it measured)."""
     check_settings(s)
     device = resolve_device(s.device)
+    if device.type == "cpu":  # as the trainer does: every row, transformers' too, gains
+        tune_cpu_allocator()
     cfg = model_for(s)
     interleave = device.type == "cpu" if s.interleave is None else s.interleave
     reason = _hf_missing() if "hf" in s.rows else None

@@ -44,6 +44,7 @@ from pretrain.train.hooks import (
     default_callbacks,
     settle,
 )
+from pretrain.train.host import tune_cpu_allocator
 from pretrain.train.loggers import Sink, build_sinks
 from pretrain.train.metrics import device_peak_flops, peak_memory_gb
 from pretrain.train.module import StepSettings, TrainModule, build_train_module
@@ -183,6 +184,8 @@ def build_loaders(cfg: TrainConfig, data: PreparedData, dims: ParallelDims,
 def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     env = DistEnv.from_env()
     device = pick_device(cfg.device, env)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     init_distributed(env, device, cfg.parallel.timeout_s,
                      always=cfg.parallel.backend == "deepspeed")
     p = cfg.parallel
