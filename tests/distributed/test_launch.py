@@ -119,6 +119,7 @@ def test_native_backend_refuses_a_deepspeed_checkpoint(cache_dir: Path, out: Pat
          "run_name=zero2", "steps=9", "resume=auto"],
         cwd=REPO, env={**train_env(cache_dir), "DS_ACCELERATOR": "cpu"},
         capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "written by parallel.backend=deepspeed" in proc.stderr
+    assert proc.returncode == 2
+    assert "resume refused: parallel.backend is native" in proc.stderr
+    assert "written with deepspeed" in proc.stderr
 
