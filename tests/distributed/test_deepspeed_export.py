@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.models.llama import build_model, draw_init_seed
-from tests.conftest import REPO, TINY, train_env
+from tests.conftest import REPO, TINY, console_script, train_env
 from tests.distributed.helpers import torchrun_cmd
 
 transformers = pytest.importorskip("transformers")
@@ -39,19 +38,10 @@ STAGES = {
 }
 
 
-def script(name: str) -> str:
-    """The installed console script of this environment."""
-    path = Path(sys.executable).parent / name
-    found = str(path) if path.is_file() else shutil.which(name)
-    if found is None:
-        raise AssertionError(f"console script {name} is not installed: pip install -e .")
-    return found
-
-
 def run_tool(cache_dir: Path, name: str, *args: str,
              check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([script(name), *args], env=train_env(cache_dir), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([console_script(name), *args], env=train_env(cache_dir),
+                          capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stdout}\n" \
                                      f"{proc.stderr[-4000:]}"
