@@ -74,12 +74,14 @@ def test_allocation_high_water_follows_allocations_and_frees() -> None:
 
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     proc = subprocess.run([str(REPO / "tools" / "gpu_check.sh"), "--dry", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=170)
+                          cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.rsplit("setting", 1)[-1]  # the final, merged table
     for row in ("hf", "plain", "+chunked-ce", "+compile"):
         assert f"debug T=32 B=2  {row} " in table
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.json", "small.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.json", "main_job.json",
+                                                           "small.json"]
+    assert "main job: completed, 3 steps" in proc.stdout and ", 3 samples" in proc.stdout
 
 
 def test_presets_load_for_the_gpu_check() -> None:
