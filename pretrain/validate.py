@@ -104,6 +104,9 @@ def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
              "pipeline parallelism (the DeepSpeed engine and the pipeline schedules run the "
              "model without the attention mask); set parallel.pp=1 and parallel.backend=native, "
              "or turn document masking off")
+    _require(not (p.backend == "deepspeed" and cfg.spike_policy == "skip"),
+             "spike_policy=skip cannot drop an update under parallel.backend=deepspeed (the "
+             "engine steps inside backward); use spike_policy=rollback or warn")
     if p.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
     else:

@@ -394,7 +394,7 @@ class _Trainee(_Row):
         self.clock.mark()
         batch = Batch(*next(self.batches))
         self.clock.mark()
-        loss = self.module.forward_backward([batch])
+        loss = self.module.dp_mean(self.module.forward_backward([batch]))
         self.clock.mark()
         self.module.optimizer_step(loss)
         self.clock.mark()

@@ -3,8 +3,11 @@
 A Hydra multirun leaves `SWEEP_DIR/<job_num>/` per job; other layouts nest run directories
 deeper, so the walk is recursive and keys off the files alone: every `summary.json` is a run,
 and every `.hydra/config.yaml` with no `summary.json` at or below its directory is a run that
-never finished. Only completed runs with finite losses are kept; everything else comes back as
-a `SkippedRun` with the reason, so the user sees exactly what the fit left out.
+never finished (a job refused or crashed before its start was accepted writes no
+`.hydra/config.yaml`: it is not listed, and its error is in the sweep's output). Only
+completed runs with finite losses (non-finite ones are written as strings, "nan") are kept;
+everything else comes back as a `SkippedRun` with the reason, so the user sees exactly what the
+fit left out.
 """
 
 from __future__ import annotations

@@ -106,6 +106,21 @@ class Payload(Protocol):
     def read_checkpoint(self, path: Path) -> None: ...
 
 
+class MaybeStateful:
+    """A stateful object that may be absent in this run (the fp16 loss scaler): saved as None
+    then, and a saved None (or a run without it) leaves the object as it is."""
+
+    def __init__(self, obj: Any | None) -> None:
+        self.obj = obj
+
+    def state_dict(self) -> Any:
+        return None if self.obj is None else self.obj.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.obj is not None and state:
+            self.obj.load_state_dict(state)
+
+
 class Record:
     """Facts saved with a checkpoint for tools and checks (the resolved config, the tokenizer
     path), not restored on resume: they come from the new start's config."""

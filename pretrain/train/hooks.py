@@ -2,8 +2,11 @@
 
 The loop (`pretrain/train/trainer.py::train_loop`) calls, in order of `default_callbacks`:
 
-    after_backward(run, step)   between forward/backward and the optimizer step: may change
-                                `step.loss` or set `step.skip` (fault injection, spike policy)
+    before_loop(run)            once, when the loop starts (the time limit counts from here)
+    after_backward(run, step)   after forward/backward, with this rank's loss: may change
+                                `step.loss` (fault injection)
+    before_update(run, step)    with the loss averaged over the data-parallel ranks, before the
+                                optimizer step: may set `step.skip` (spike policy)
     on_log(run, metrics)        at log steps, with the settled numbers (metric sinks)
     after_step(run)             after the counters moved: faults, stop flags (preemption, time
                                 limit), evaluation, checkpoints
@@ -37,7 +40,8 @@ class StepInProgress:
 
     step: int
     loss: Tensor
-    """() mean loss over the step's micro-batches and the data-parallel ranks."""
+    """() mean loss over the step's micro-batches: this rank's in `after_backward`, the mean
+    over the data-parallel ranks in `before_update`."""
     skip: bool = False
     """Drop this step's update (a spike policy decided so on the host)."""
 
@@ -53,7 +57,11 @@ class Rollback(Exception):
 class Callback:
     """Hooks the loop calls; each is a no-op unless overridden."""
 
+    def before_loop(self, run: Run) -> None: ...
+
     def after_backward(self, run: Run, step: StepInProgress) -> None: ...
+
+    def before_update(self, run: Run, step: StepInProgress) -> None: ...
 
     def on_log(self, run: Run, metrics: dict[str, float]) -> None: ...
 
@@ -93,7 +101,7 @@ class SpikeGuard(Callback):
     """spike_policy=skip|rollback decides on the step itself, before the update (a host read of
     the loss); spike_policy=warn looks at settled losses instead (`trainer.settle`)."""
 
-    def after_backward(self, run: Run, step: StepInProgress) -> None:
+    def before_update(self, run: Run, step: StepInProgress) -> None:
         if run.cfg.spike_policy not in ("skip", "rollback"):
             return
         verdict = spike_verdict(run, step.step, float(step.loss))
@@ -122,6 +130,9 @@ class StopFlags(Callback):
     checkpoint interval, agreed by every rank in one collective (the clocks are rank 0's)."""
 
     def __init__(self) -> None:
+        self.start = time.time()
+
+    def before_loop(self, run: Run) -> None:
         self.start = time.time()
 
     def after_step(self, run: Run) -> None:
@@ -162,6 +173,7 @@ class Evaluation(Callback):
 
 def evaluate(run: Run) -> dict[str, float]:
     metrics = run.module.evaluate(run.val_loader.eval_windows(run.cfg.eval_windows))
+    run.counters.evals += 1
     run.counters.last_val_loss = metrics["val/loss"]
     run.counters.best_val_loss = min(run.counters.best_val_loss, metrics["val/loss"])
     for s in run.sinks:

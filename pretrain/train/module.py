@@ -8,8 +8,8 @@ Each has the same small interface, and the trainer, the layout-parity tests, eve
 in `pretrain-bench` and the memory measurement all call it, so what is proven and measured is
 what users run:
 
-    forward_backward(batches) -> loss      the step's micro-batches; the mean loss over them and
-                                           the data-parallel ranks, left on the device
+    forward_backward(batches) -> loss      the step's micro-batches; this rank's mean loss over
+                                           them, left on the device (`dp_mean` averages it)
     optimizer_step(loss, skip=False)       clip, the all-rank finite flag, AdamW (a non-finite
                                            step is skipped on the device), the LR schedule
     train_step(batches) -> StepStats       both
@@ -180,8 +180,9 @@ class TrainModule:
 
     def forward_backward(self, batches: Iterable[Batch]) -> Tensor:
         """Forward and backward of the step's `grad_accum` micro-batches (a lazy iterable is
-        read one micro-batch at a time); returns the mean loss over them and the data-parallel
-        ranks. Data-parallel gradients are reduced once, after the last micro-batch."""
+        read one micro-batch at a time); returns this rank's mean loss over them (`dp_mean`
+        averages it over the ranks). Data-parallel gradients are reduced once, after the last
+        micro-batch."""
         loss_sum = torch.zeros((), device=self.device)
         n = 0
         with self.attention():
@@ -191,16 +192,17 @@ class TrainModule:
                 loss_sum += self._micro_batch(batch.to(self.device, non_blocking=True))
         if n != self.grad_accum:
             raise ValueError(f"a step takes {self.grad_accum} micro-batches, got {n}")
-        return self.dp_mean(loss_sum / self.grad_accum)
+        return loss_sum / self.grad_accum
 
     def _micro_batch(self, batch: Batch) -> Tensor:
         """Forward and backward of one micro-batch; returns its mean loss (detached)."""
         raise NotImplementedError
 
     def optimizer_step(self, loss: Tensor, *, skip: bool = False) -> StepStats:
-        """Clip, agree on finiteness over all ranks, step AdamW and the schedule. A non-finite
-        step leaves weights and moments untouched; `skip` drops the update (a spike policy).
-        Nothing is read on the host unless the optimizer cannot skip on the device."""
+        """`loss`: the step's mean over the data-parallel ranks. Clip, agree on finiteness over
+        all ranks, step AdamW and the schedule. A non-finite step leaves weights and moments
+        untouched; `skip` drops the update (a spike policy). Nothing is read on the host unless
+        the optimizer cannot skip on the device."""
         grad_norm = self.clip()
         finite = self.all_ranks_finite(loss, grad_norm)
         if skip:
@@ -221,7 +223,7 @@ class TrainModule:
 
     def train_step(self, batches: Iterable[Batch]) -> StepStats:
         """One optimizer step on the step's micro-batches."""
-        return self.optimizer_step(self.forward_backward(batches))
+        return self.optimizer_step(self.dp_mean(self.forward_backward(batches)))
 
     def clip(self) -> Tensor:
         """Clip to optim.grad_clip (0: no clip); the global norm over every shard and stage."""

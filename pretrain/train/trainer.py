@@ -65,6 +65,8 @@ class Counters:
     last_train_loss: float = math.nan
     wandb_id: str | None = None
     rollbacks: int = 0
+    evals: int = 0
+    """Evaluations run so far (0: the validation figures do not exist yet)."""
     skip_steps: list[int] = field(default_factory=list)
     """Steps whose batch is consumed without an update (spikes rolled back)."""
 
@@ -135,11 +137,10 @@ class Run:
             "scheduler": self.module.scheduler,
             "train_loader": self.train_loader,
             "spike": self.spike,
+            "scaler": ckpt.MaybeStateful(self.module.scaler),
             "config": ckpt.Record(dataclasses.asdict(self.cfg)),
             "tokenizer_path": ckpt.Record(self.tokenizer.path),
         }
-        if self.module.scaler is not None:
-            state["scaler"] = self.module.scaler
         return state
 
 
@@ -271,7 +272,9 @@ def train_step(run: Run) -> StepRecord:
     wait = DataWait()
     loss = run.module.forward_backward(wait.batches(run.train_loader, run.module.grad_accum))
     pending = StepInProgress(step, loss)
-    call(run, "after_backward", pending)
+    call(run, "after_backward", pending)  # this rank's loss
+    pending.loss = run.module.dp_mean(pending.loss)
+    call(run, "before_update", pending)  # the mean over the data-parallel ranks
     stats = run.module.optimizer_step(pending.loss, skip=pending.skip)
     return StepRecord(step, stats.loss, stats.grad_norm, stats.finite, lr, wait.seconds,
                       skipped=pending.skip)
@@ -311,6 +314,7 @@ def train_loop(run: Run) -> str:
     """Steps until the budget, or until a callback stops the run; returns the final status."""
     recent_tokens, recent_time = 0, 0.0
     watchdog = StepWatchdog(run.cfg.parallel.timeout_s)
+    call(run, "before_loop")
     while run.counters.step < run.total_steps and run.stop is None:
         t = time.perf_counter()
         watchdog.arm()
@@ -356,7 +360,8 @@ def samples(run: Run) -> list[dict[str, str]]:
 
 
 def build_summary(run: Run, status: str, wall_time: float) -> dict[str, Any]:
-    m = run.cfg.model
+    m, c = run.cfg.model, run.counters
+    trained = c.step > 0
     return {
         "run_name": run.cfg.run_name,
         "model": m.name,
@@ -367,10 +372,12 @@ def build_summary(run: Run, status: str, wall_time: float) -> dict[str, Any]:
         "flops_per_token": run.flops_per_token,
         "steps": run.counters.step,
         "seq_len": run.cfg.seq_len,
-        "final_train_loss": run.counters.last_train_loss,
-        "final_val_loss": run.counters.last_val_loss,
-        "best_val_loss": run.counters.best_val_loss,
-        "final_val_ppl": math.exp(min(run.counters.last_val_loss, 50.0)),
+        # None: never measured (no step settled, no evaluation ran); a measured non-finite
+        # value is kept, and written as a string ("nan"), so a sweep fit rejects the run.
+        "final_train_loss": c.last_train_loss if trained else None,
+        "final_val_loss": c.last_val_loss if c.evals else None,
+        "best_val_loss": c.best_val_loss if c.evals else None,
+        "final_val_ppl": math.exp(min(c.last_val_loss, 50.0)) if c.evals else None,
         "wall_time_s": wall_time,
         "tokens_per_sec": run.counters.tokens / max(wall_time, 1e-9),
         "skipped_steps": run.counters.skipped_total,
@@ -382,9 +389,10 @@ def build_summary(run: Run, status: str, wall_time: float) -> dict[str, Any]:
 
 
 def strict_json(obj: Any) -> Any:
-    """`obj` with every non-finite float as None: JSON has no NaN or Infinity."""
+    """`obj` with every non-finite float as a string ("nan", "inf", "-inf"): JSON has no NaN or
+    Infinity, and a reader that parses numbers from strings still sees what happened."""
     if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+        return str(obj)
     if isinstance(obj, dict):
         return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

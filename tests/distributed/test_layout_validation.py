@@ -101,3 +101,10 @@ def test_document_masking_needs_a_layout_that_passes_the_mask(overrides: dict) -
     cfg.data.document_masking = True
     with pytest.raises(ConfigError, match="document_masking"):
         validate(cfg, world_size=2)
+
+
+def test_spike_skip_is_refused_under_deepspeed() -> None:
+    cfg = TrainConfig(parallel=ParallelConfig(backend="deepspeed", zero_stage=2, dp_shard=-1),
+                      global_batch_size=8, micro_batch_size=2, spike_policy="skip")
+    with pytest.raises(ConfigError, match="spike_policy=skip cannot drop an update"):
+        validate(cfg, world_size=2)

@@ -141,3 +141,20 @@ def test_checkpoint_benchmark_tool(tmp_path: Path, capsys: pytest.CaptureFixture
     assert row["preset"] == "debug" and row["size_mb"] > 0
     assert 0 < row["save_async_return_s"] <= row["save_async_final_s"]
     assert "debug" in capsys.readouterr().out
+
+
+def test_an_absent_optional_object_round_trips(tmp_path: Path) -> None:
+    """A run without a loss scaler saves None for it; a later run with one keeps its fresh
+    scaler when resuming from that checkpoint."""
+    model, opt = _model_and_optim(0)
+    path = ckpt.save_checkpoint(tmp_path, 1, {"app": ckpt.ModelOptimState(model, opt),
+                                              "scaler": ckpt.MaybeStateful(None)}, keep=0)
+    position = Position(7)
+    ckpt.load_state(path, {"app": ckpt.ModelOptimState(model, opt),
+                           "scaler": ckpt.MaybeStateful(position)})
+    assert position.at == 7
+    path = ckpt.save_checkpoint(tmp_path, 2, {"app": ckpt.ModelOptimState(model, opt),
+                                              "scaler": ckpt.MaybeStateful(Position(3))}, keep=0)
+    ckpt.load_state(path, {"app": ckpt.ModelOptimState(model, opt),
+                           "scaler": ckpt.MaybeStateful(position)})
+    assert position.at == 3

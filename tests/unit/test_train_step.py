@@ -293,10 +293,27 @@ def test_summary_json_is_strict_when_nothing_was_evaluated(cache_dir: Path,
     assert math.isfinite(written["final_train_loss"])
 
 
-def test_write_json_turns_nonfinite_floats_into_null(tmp_path: Path) -> None:
+def test_write_json_keeps_measured_nonfinite_values_as_strings(tmp_path: Path) -> None:
     path = tmp_path / "summary.json"
     write_json(path, {"nan": math.nan, "inf": [math.inf, -math.inf, 1.5],
-                      "nested": {"x": (math.nan, 2)}, "ok": 0.25})
-    assert _strict(path.read_text()) == {"nan": None, "inf": [None, None, 1.5],
-                                         "nested": {"x": [None, 2]}, "ok": 0.25}
+                      "nested": {"x": (math.nan, 2)}, "missing": None, "ok": 0.25})
+    assert _strict(path.read_text()) == {"nan": "nan", "inf": ["inf", "-inf", 1.5],
+                                         "nested": {"x": ["nan", 2]}, "missing": None,
+                                         "ok": 0.25}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_diverged_run_is_written_strictly_and_left_out_of_a_sweep_fit(
+        cache_dir: Path, tmp_path: Path) -> None:
+    from pretrain.scaling.collect import load_run
+
+    cfg = make_config(tmp_path, "steps=4", "nonfinite_policy=skip", "faults.nan_at_step=4",
+                      "run_name=diverged")
+    run_dir = tmp_path / "diverged"
+    run_dir.mkdir()
+    train(cfg, run_dir)
+    written = _strict((run_dir / "summary.json").read_text())
+    assert written["status"] == "completed" and written["final_train_loss"] == "nan"
+    assert math.isfinite(written["final_val_loss"])  # the skipped step left the weights alone
+    skipped = load_run(run_dir / "summary.json")
+    assert "non-finite loss (final_train_loss='nan')" in skipped.reason
