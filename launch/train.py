@@ -11,6 +11,7 @@ start leaves an existing run as it was.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import hydra
@@ -49,7 +50,8 @@ def hydra_main(dcfg: DictConfig) -> float:
         summary = train(cfg, run_dir, on_start=on_start)
     except PretrainError as e:
         fail(str(e))
-    return float(summary["best_val_loss"])
+    best = summary["best_val_loss"]  # None when no evaluation ran (a preempted run)
+    return math.nan if best is None else float(best)
 
 
 def main() -> None:
