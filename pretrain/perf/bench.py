@@ -32,7 +32,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -55,7 +55,12 @@ from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import init_model_weights
 from pretrain.train.host import tune_cpu_allocator
 from pretrain.train.metrics import GPU_BF16_PEAK, gpu_peak_flops, measure_cpu_bf16_flops
-from pretrain.train.module import StepSettings, TrainModule, build_train_module
+from pretrain.train.module import (
+    StepSettings,
+    TrainModule,
+    autocast_factory,
+    build_train_module,
+)
 from pretrain.validate import validate_model
 
 __all__ = [
@@ -191,12 +196,6 @@ def resolve_device(name: str) -> torch.device:
 def model_for(s: BenchSettings) -> ModelConfig:
     """The preset, with the rotary table stretched when seq_len exceeds its max_seq_len."""
     return replace(s.model, max_seq_len=max(s.model.max_seq_len, s.seq_len))
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
-    if precision == "fp32":
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def peak_flops(device: torch.device) -> tuple[float, str]:
@@ -416,7 +415,7 @@ class _HFTrainee(_Row):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.max_norm = s.optim.grad_clip if s.optim.grad_clip > 0 else float("inf")
         self.batches = synthetic_batches(cfg, s, device)
-        self.autocast = autocast_for(s.precision, device)
+        self.autocast = autocast_factory(s.precision, device)
 
     def step(self) -> Tensor:
         self.clock.mark()

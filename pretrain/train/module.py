@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -293,20 +292,19 @@ class TrainModule:
     def write_checkpoint(self, path: Path, *, background: bool = False) -> Future | None:
         """Write model and optimizer into checkpoint directory `path` (collective). With
         `background`, stage to host memory and write in a thread; returns its future."""
-        self._check_kind(path, writing=True)
-        if background:
-            return dcp.async_save({"app": self}, checkpoint_id=str(path))
-        dcp.save({"app": self}, checkpoint_id=str(path))
-        return None
+        return ModelOptimState(self.model, self.optimizer).write_checkpoint(
+            path, background=background)
 
     def read_checkpoint(self, path: Path) -> None:
-        self._check_kind(path, writing=False)
-        dcp.load({"app": self}, checkpoint_id=str(path))
+        self._check_kind(path)
+        ModelOptimState(self.model, self.optimizer).read_checkpoint(path)
 
     deepspeed = False
+    """Whether this module's checkpoints are the DeepSpeed engine's files."""
 
-    def _check_kind(self, path: Path, *, writing: bool) -> None:
-        if not writing and ds.is_deepspeed_checkpoint(path) != self.deepspeed:
+    def _check_kind(self, path: Path) -> None:
+        """Refuse a checkpoint written by the other backend (their formats differ)."""
+        if ds.is_deepspeed_checkpoint(path) != self.deepspeed:
             writer, other = ("native", "deepspeed") if self.deepspeed else ("deepspeed", "native")
             raise CheckpointError(
                 f"checkpoint {path} was written by parallel.backend={writer}; resume it with "
@@ -440,7 +438,7 @@ class DeepSpeedTrainModule(TrainModule):
         return None
 
     def read_checkpoint(self, path: Path) -> None:
-        self._check_kind(path, writing=False)
+        self._check_kind(path)
         ds.load_engine(self.engine, path)
 
     def full_state_dict(self) -> dict[str, Tensor]:
