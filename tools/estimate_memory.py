@@ -44,7 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "process and print the measured peak next to the estimate (world size "
                         "1, precision=fp32)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def compose(overrides: Sequence[str]) -> TrainConfig:

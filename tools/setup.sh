@@ -11,7 +11,11 @@ CPU_INDEX=${PRETRAIN_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 stamp=.setup-stamp
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && "$PY" -c "import pretrain, torch" 2>/dev/null; then
+# The stamp counts only while `pretrain` is imported from this checkout: set-up in another clone
+# re-points the editable install (and the console scripts) there.
+# (Probed from /, where the checkout itself is not on sys.path.)
+here_py="import pathlib, sys, pretrain, torch; sys.exit(pathlib.Path(pretrain.__file__).resolve().parents[1] != pathlib.Path(sys.argv[1]).resolve())"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && (repo=$PWD; cd / && "$PY" -c "$here_py" "$repo") 2>/dev/null; then
   exit 0
 fi
 if "$PY" -c "import torch" 2>/dev/null; then

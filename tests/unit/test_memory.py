@@ -140,3 +140,10 @@ def test_estimate_within_20_percent_of_measured_cpu_peak(ac_mode: str, loss: str
                           seq_len=256, precision="fp32", activation_checkpointing=ac_mode,
                           loss=loss).peak
     assert abs(est - measured) / measured < 0.2, (est, measured)
+
+
+def test_estimate_memory_takes_overrides_before_or_after_the_flags() -> None:
+    from tools.estimate_memory import parse_args
+
+    args = parse_args(["model=cpu", "--measure", "activation_checkpointing=full"])
+    assert args.measure and args.overrides == ["model=cpu", "activation_checkpointing=full"]
