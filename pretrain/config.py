@@ -19,12 +19,48 @@ SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 """Names of the attention kernels `sdpa_backends` may list."""
 
 
+ARCHS = ("decoder", "encoder", "encoder_decoder")
+"""Model families: a causal decoder, a bidirectional encoder with a masked-LM head, and an
+encoder-decoder whose decoder attends to the encoder output (T5)."""
+
+
 @dataclass
 class ModelConfig:
-    """A LLaMA-style decoder."""
+    """A transformer of one family (`arch`): a LLaMA-style decoder by default. The block
+    options (`norm`, `norm_position`, `bias`, `mlp`, `position`, ...) default to LLaMA's and
+    are set by the encoder and encoder-decoder presets to BERT's and T5's."""
 
     name: str = "cpu"
     """Preset name, used in run names and summaries."""
+    arch: str = "decoder"
+    """'decoder' (causal LM), 'encoder' (bidirectional, masked-LM head tied to the embeddings)
+    or 'encoder_decoder' (T5: `n_layers` encoder blocks, `n_decoder_layers` decoder blocks
+    with cross-attention, one shared embedding)."""
+    n_decoder_layers: int | None = None
+    """encoder_decoder: decoder blocks; None means n_layers."""
+    norm: str = "rms"
+    """'rms' (RMSNorm, no bias: LLaMA, T5) or 'layer' (LayerNorm with bias: BERT)."""
+    norm_position: str = "pre"
+    """'pre' (normalize each sub-layer's input) or 'post' (normalize after the residual add,
+    BERT; the embeddings are normalized too and there is no final norm)."""
+    bias: bool = False
+    """Biases in the attention and MLP projections (BERT)."""
+    mlp: str = "swiglu"
+    """'swiglu' (w2(silu(w1 x) * w3 x)), 'gated_gelu' (T5 v1.1: tanh GELU gate), 'gelu'
+    (BERT: w2(gelu(w1 x))) or 'relu' (T5 v1.0: w2(relu(w1 x)))."""
+    position: str = "rope"
+    """'rope' (rotary), 'learned' (absolute position and token-type embeddings, BERT) or
+    'relative' (T5's bucketed relative attention bias, shared by the blocks of a stack)."""
+    head_dim: int | None = None
+    """Per-head size; None means dim // n_heads (T5 sets it: d_kv)."""
+    scale_attention: bool = True
+    """Divide attention scores by sqrt(head_dim); T5 folds the scale into its init instead."""
+    relative_buckets: int = 32
+    """position=relative: number of relative-position buckets."""
+    relative_max_distance: int = 128
+    """position=relative: distance beyond which positions share the last bucket."""
+    type_vocab_size: int = 2
+    """position=learned: token-type (segment) embeddings, BERT's 2 (we always use type 0)."""
     dim: int = 256
     """Hidden size."""
     n_layers: int = 6
@@ -115,6 +151,43 @@ class DataConfig:
     allow_data_change: bool = False
     """Resume even when the checkpoint's data (shards, tokenizer, sources, seq_len) differ from
     the configured data; the saved position is kept per source."""
+
+
+OBJECTIVES = ("clm", "mlm", "span", "fim")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the model learns to predict. Corruption (masks, spans, FIM splits) is drawn from
+    (seed, global window index): resume is exact, batches do not depend on the layout, and a
+    window read again in a later epoch is corrupted anew."""
+
+    name: str = "clm"
+    """'clm' (next token, decoder), 'mlm' (masked LM, encoder), 'span' (T5 span corruption,
+    encoder_decoder) or 'fim' (fill-in-the-middle, decoder)."""
+    mask_rate: float = 0.15
+    """mlm: fraction of each window's tokens chosen for prediction (exactly
+    round(rate * seq_len) per window, as BERT's max_predictions; never EOS/BOS/pad)."""
+    mask_token_fraction: float = 0.8
+    """mlm: of the chosen tokens, the fraction replaced by <mask> (BERT's 80%)."""
+    random_token_fraction: float = 0.1
+    """mlm: the fraction replaced by a random token (BERT's 10%); the rest stay unchanged."""
+    noise_density: float = 0.15
+    """span: fraction of the tokens that are corrupted (dropped into the target)."""
+    mean_span_length: float = 3.0
+    """span: mean length of a corrupted span; spans and their lengths follow T5's
+    random_spans_noise_mask, and `seq_len` is the encoder input length (T5's inputs_length):
+    the raw window is sized so that nothing is padded or cut."""
+    fim_rate: float = 0.5
+    """fim: probability that a document is transformed (Bavarian et al. 2022 use 0.5 to 0.9)."""
+    fim_spm_rate: float = 0.5
+    """fim: of the transformed documents, the fraction in SPM order (suffix, prefix, middle);
+    the rest are PSM (prefix, suffix, middle)."""
+    eval_infill_docs: int = 32
+    """fim: held-out documents whose middle is infilled greedily for the exact-match metric
+    (0: skip it)."""
+    eval_infill_max_tokens: int = 24
+    """fim: longest middle (in tokens) the infill exact-match metric asks for."""
 
 
 @dataclass
@@ -272,6 +345,7 @@ class TrainConfig:
     """The root config of one training run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import os
 
-from pretrain.config import SDPA_BACKENDS, ModelConfig, TrainConfig, output_whole_on_one_rank
+from pretrain.config import (
+    ARCHS,
+    OBJECTIVES,
+    SDPA_BACKENDS,
+    ModelConfig,
+    ObjectiveConfig,
+    TrainConfig,
+    output_whole_on_one_rank,
+)
 from pretrain.errors import ConfigError
 from pretrain.parallel.deepspeed_backend import deepspeed_config
 from pretrain.parallel.dims import ParallelDims
@@ -20,18 +28,72 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_CHOICES = {"arch": ARCHS, "norm": ("rms", "layer"), "norm_position": ("pre", "post"),
+            "mlp": ("swiglu", "gated_gelu", "gelu", "relu"),
+            "position": ("rope", "learned", "relative")}
+
+
 def validate_model(m: ModelConfig) -> None:
     """Checks of the model shape alone."""
+    for name, allowed in _CHOICES.items():
+        _require(getattr(m, name) in allowed,
+                 f"model.{name}={getattr(m, name)!r}; use one of {', '.join(allowed)}")
     kv = m.n_kv_heads or m.n_heads
-    _require(m.dim % m.n_heads == 0,
+    _require(m.head_dim is not None or m.dim % m.n_heads == 0,
              f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "
-             "choose n_heads that divides dim")
+             "choose n_heads that divides dim (or set model.head_dim)")
     _require(m.n_heads % kv == 0,
              f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}; "
              "choose n_kv_heads that divides n_heads")
-    _require((m.dim // m.n_heads) % 2 == 0,
-             f"head dim {m.dim // m.n_heads} (model.dim / model.n_heads) must be even for RoPE")
+    head_dim = m.head_dim or m.dim // m.n_heads
+    _require(m.position != "rope" or head_dim % 2 == 0,
+             f"head dim {head_dim} (model.dim / model.n_heads) must be even for RoPE")
     _require(m.vocab_size > 0 and m.n_layers > 0, "model.vocab_size and model.n_layers must be > 0")
+    _require(m.arch == "encoder_decoder" or m.position != "relative",
+             "model.position=relative (T5's relative attention bias) is built for "
+             "model.arch=encoder_decoder; use rope or learned positions")
+    _require(m.arch != "encoder_decoder" or m.position == "relative",
+             f"model.arch=encoder_decoder uses T5's relative attention bias; set "
+             f"model.position=relative (got {m.position!r})")
+    _require(m.arch != "decoder" or m.position != "learned",
+             "model.position=learned is the encoder's (BERT); a decoder uses rope")
+    _require(m.arch != "encoder" or m.tie_embeddings,
+             "model.arch=encoder ties its masked-LM head to the embeddings; set "
+             "model.tie_embeddings=true")
+    _require(m.n_decoder_layers is None or m.n_decoder_layers > 0,
+             "model.n_decoder_layers must be > 0 (or null: as many as n_layers)")
+
+
+# Which family each objective trains, and the layouts each family is proven on.
+_OBJECTIVE_ARCH = {"clm": "decoder", "fim": "decoder", "mlm": "encoder",
+                   "span": "encoder_decoder"}
+_PRESET_HINT = {"decoder": "model=cpu (or any decoder preset)", "encoder": "model=cpu_encoder",
+                "encoder_decoder": "model=cpu_t5"}
+
+
+def validate_objective(o: ObjectiveConfig, m: ModelConfig, seq_len: int) -> None:
+    """The objective's fields, and that the model family can learn it."""
+    _require(o.name in OBJECTIVES, f"objective={o.name!r}; use one of {', '.join(OBJECTIVES)}")
+    arch = _OBJECTIVE_ARCH[o.name]
+    _require(m.arch == arch,
+             f"objective={o.name} trains a model.arch={arch}, but model={m.name} is an "
+             f"{m.arch}; use {_PRESET_HINT[arch]} with objective={o.name}")
+    for name in ("mask_rate", "noise_density"):
+        _require(0.0 < getattr(o, name) < 1.0, f"objective.{name} must be in (0, 1)")
+    for name in ("mask_token_fraction", "random_token_fraction", "fim_rate", "fim_spm_rate"):
+        _require(0.0 <= getattr(o, name) <= 1.0, f"objective.{name} must be in [0, 1]")
+    _require(o.mask_token_fraction + o.random_token_fraction <= 1.0,
+             "objective.mask_token_fraction + objective.random_token_fraction must be <= 1 "
+             "(the rest of the chosen tokens stay unchanged)")
+    _require(o.mean_span_length >= 1.0, "objective.mean_span_length must be >= 1")
+    if o.name == "span":
+        n_spans = round(round(seq_len / (1 - o.noise_density) * o.noise_density)
+                        / o.mean_span_length)
+        _require(n_spans < 100,
+                 f"seq_len={seq_len} with objective.noise_density={o.noise_density} and "
+                 f"mean_span_length={o.mean_span_length} gives ~{n_spans} corrupted spans per "
+                 "window, more than the tokenizer's 100 sentinels <extra_id_N>; lower seq_len "
+                 "or the noise density, or raise mean_span_length")
 
 
 def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
@@ -40,6 +102,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     `world_size` defaults to WORLD_SIZE from the environment torchrun / deepspeed set (1 when
     started directly)."""
     validate_model(cfg.model)
+    validate_objective(cfg.objective, cfg.model, cfg.seq_len)
     validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None
                       else world_size)
     _require(cfg.precision in ("fp32", "bf16", "fp16"),
@@ -76,6 +139,10 @@ def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
              f"parallel.backend={p.backend!r}; use native or deepspeed")
     _require(p.pp_virtual_stages >= 1, "parallel.pp_virtual_stages must be >= 1")
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    _require(m.arch == "decoder" or (p.tp == 1 and p.pp == 1),
+             f"model.arch={m.arch} trains with data parallelism (DDP, FSDP, HSDP) or DeepSpeed "
+             "ZeRO; tensor and pipeline parallelism are implemented for the decoder only: set "
+             "parallel.tp=1 and parallel.pp=1")
     kv = m.n_kv_heads or m.n_heads
     _require(m.n_heads % p.tp == 0 and kv % p.tp == 0,
              f"model.n_heads={m.n_heads} and model.n_kv_heads={kv} must both be divisible by "
@@ -107,6 +174,10 @@ def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
     _require(not (p.backend == "deepspeed" and cfg.spike_policy == "skip"),
              "spike_policy=skip cannot drop an update under parallel.backend=deepspeed (the "
              "engine steps inside backward); use spike_policy=rollback or warn")
+    _require(m.arch == "decoder" or not masking,
+             f"data.document_masking / data.restart_positions are for decoders; model.arch="
+             f"{m.arch} attends across the packed window (as BERT and T5 pre-training do): turn "
+             "them off")
     if p.backend == "deepspeed":
         _validate_deepspeed(cfg, world_size)
     else:

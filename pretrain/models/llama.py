@@ -42,6 +42,7 @@ __all__ = [
     "FeedForward",
     "KVCache",
     "RMSNorm",
+    "make_norm",
     "Transformer",
     "TransformerBlock",
     "apply_rotary",
@@ -64,7 +65,12 @@ def _kv_heads(cfg: ModelConfig) -> int:
 
 
 def _head_dim(cfg: ModelConfig) -> int:
-    return cfg.dim // cfg.n_heads
+    return cfg.head_dim or cfg.dim // cfg.n_heads
+
+
+def _gated(cfg: ModelConfig) -> bool:
+    """Whether the MLP has a third (gate) matrix w3."""
+    return cfg.mlp in ("swiglu", "gated_gelu")
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -86,7 +92,7 @@ def _block_matmul_params(cfg: ModelConfig) -> int:
     q_dim = cfg.n_heads * _head_dim(cfg)
     kv_dim = _kv_heads(cfg) * _head_dim(cfg)
     attention = cfg.dim * q_dim + 2 * cfg.dim * kv_dim + q_dim * cfg.dim
-    return attention + 3 * cfg.dim * ffn_hidden_dim(cfg)
+    return attention + (3 if _gated(cfg) else 2) * cfg.dim * ffn_hidden_dim(cfg)
 
 
 def count_params(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> int:
@@ -298,44 +304,88 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
 
-class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query K/V heads, through PyTorch SDPA."""
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The block's normalization: RMSNorm (LLaMA, T5) or LayerNorm with a bias (BERT)."""
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+    return RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+
+def _zero_bias_(linear: nn.Linear) -> None:
+    if linear.bias is not None:
+        with torch.no_grad():
+            linear.bias.zero_()
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query K/V heads, through PyTorch SDPA: causal
+    (decoder) or bidirectional (encoder) self-attention, or cross-attention to an encoder's
+    output (`memory`). Rotary positions apply to self-attention with position=rope; T5's
+    relative bias arrives as an additive float `attn_mask`."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, *, causal: bool = True,
+                 cross: bool = False) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = _head_dim(cfg)
+        self.causal, self.cross = causal and not cross, cross
+        self.rotary = cfg.position == "rope" and not cross
+        # None: SDPA's 1/sqrt(head_dim); T5 does not scale (its init of wq does instead).
+        self.scale = None if cfg.scale_attention else 1.0
         q_dim, kv_dim = cfg.n_heads * self.head_dim, _kv_heads(cfg) * self.head_dim
-        self.wq = nn.Linear(cfg.dim, q_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, kv_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, kv_dim, bias=False)
-        self.wo = nn.Linear(q_dim, cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, q_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.dim, kv_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.dim, kv_dim, bias=cfg.bias)
+        self.wo = nn.Linear(q_dim, cfg.dim, bias=cfg.bias)
 
     def forward(
         self,
         x: Tensor,
-        rope: Tensor,
+        rope: Tensor | None,
         attn_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        memory: Tensor | tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """x: (B, T, dim); attn_mask: bool, True = attend, broadcastable to (B, H, T, S), or
-        None for plain causal attention over the T positions (or over the cache)."""
+        """x: (B, T, dim); attn_mask: bool (True = attend) or float (added to the scores),
+        broadcastable to (B, H, T, S), or None for plain causal (decoder) or full (encoder,
+        cross) attention. memory: cross-attention keys come from the encoder output (B, S, dim)
+        or its precomputed (k, v) (`memory_kv`, reused at every decoding step)."""
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism this module sees only its local heads.
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_id, k, v)  # (B, n_kv_heads, S, head_dim)
-        out = _sdpa(q, k, v, attn_mask)  # (B, n_heads, T, head_dim)
+        if self.cross:
+            assert memory is not None, "cross-attention needs the encoder output"
+            k, v = memory if isinstance(memory, tuple) else self.memory_kv(memory)
+            q = q.transpose(1, 2)  # (B, n_heads, T, head_dim)
+        else:
+            k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+            v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+            if self.rotary:
+                q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_id, k, v)  # (B, n_kv_heads, S, head_dim)
+        out = _sdpa(q, k, v, attn_mask, causal=self.causal, scale=self.scale)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of the encoder output memory (B, S, dim):
+        (B, n_kv_heads, S, head_dim) each."""
+        B, S, _ = memory.shape
+        k = self.wk(memory).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(memory).view(B, S, -1, self.head_dim).transpose(1, 2)
+        return k, v
+
     def init_weights(self, init_std: float, out_std: float, *, seed: int | None = None) -> None:
-        for name in ("wq", "wk", "wv"):
+        # Without the 1/sqrt(head_dim) score scale, a smaller wq keeps the start's scores at
+        # the same size (T5's "Mesh TensorFlow" initialization).
+        q_std = init_std if self.scale is None else init_std / math.sqrt(self.head_dim)
+        _normal_(self.wq.weight, q_std, _child_seed(seed, "wq"))
+        for name in ("wk", "wv"):
             _normal_(getattr(self, name).weight, init_std, _child_seed(seed, name))
         _normal_(self.wo.weight, out_std, _child_seed(seed, "wo"))
+        for linear in (self.wq, self.wk, self.wv, self.wo):
+            _zero_bias_(linear)
 
 
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -372,8 +422,10 @@ def attention_backends(names: Sequence[str], device_type: str) -> AbstractContex
     return sdpa_kernel([SDPA_KERNELS[n] for n in names], set_priority=True)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
-    """Attention of q (B, H, T, D) over k, v (B, H_kv, S, D); causal when attn_mask is None.
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, causal: bool = True,
+          scale: float | None = None) -> Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, H_kv, S, D); causal when attn_mask is None
+    and `causal` (a decoder), over every key when not (an encoder, cross-attention).
 
     SDPA's enable_gqa avoids materializing repeated K/V, but on CUDA only the flash and math
     kernels support it; flash needs half precision and no explicit mask, so other cases
@@ -384,41 +436,70 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
     n_rep = q.shape[1] // k.shape[1]
     gqa_ok = q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16)
     if attn_mask is None and (n_rep == 1 or gqa_ok):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=n_rep > 1,
+                                              scale=scale)
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     if attn_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(q.dtype)  # SDPA wants the query's dtype (autocast: bf16)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
+                                          scale=scale)
+
+
+_ACTIVATIONS = {
+    "swiglu": F.silu,
+    "gated_gelu": lambda x: F.gelu(x, approximate="tanh"),  # T5 v1.1's gelu_new
+    "gelu": F.gelu,  # BERT's exact (erf) GELU
+    "relu": F.relu,
+}
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+    """The MLP: gated w2(act(w1 x) * w3 x) (SwiGLU, T5 v1.1's gated GELU), or plain
+    w2(act(w1 x)) (BERT's GELU, T5 v1.0's ReLU), with or without biases."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, *, kind: str = "swiglu",
+                 bias: bool = False) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.act = _ACTIVATIONS[kind]
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias) if kind in ("swiglu", "gated_gelu") else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h = self.act(self.w1(x))
+        return self.w2(h * self.w3(x) if self.w3 is not None else h)
 
     def init_weights(self, init_std: float, out_std: float, *, seed: int | None = None) -> None:
         _normal_(self.w1.weight, init_std, _child_seed(seed, "w1"))
-        _normal_(self.w3.weight, init_std, _child_seed(seed, "w3"))
+        if self.w3 is not None:
+            _normal_(self.w3.weight, init_std, _child_seed(seed, "w3"))
         _normal_(self.w2.weight, out_std, _child_seed(seed, "w2"))
+        for linear in (self.w1, self.w2, self.w3):
+            if linear is not None:
+                _zero_bias_(linear)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: attention then SwiGLU."""
+    """Residual block: self-attention, cross-attention to an encoder's output (`cross`, the
+    decoder of an encoder-decoder), then the MLP; each sub-layer pre-norm (LLaMA, T5:
+    x + f(norm(x))) or post-norm (BERT: norm(x + f(x)))."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, *, causal: bool = True,
+                 cross: bool = False) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(cfg, layer_id)
-        self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_norm = cfg.norm_position == "post"
+        self.attention = Attention(cfg, layer_id, causal=causal)
+        if cross:
+            self.cross_attention = Attention(cfg, layer_id, cross=True)
+            self.cross_attention_norm = make_norm(cfg)
+        else:
+            self.cross_attention, self.cross_attention_norm = None, None
+        self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg), kind=cfg.mlp, bias=cfg.bias)
+        self.attention_norm = make_norm(cfg)
+        self.ffn_norm = make_norm(cfg)
         self.init_std = cfg.init_std
         # Output projections add into the residual stream once per block; shrinking them keeps
         # the stream's variance from growing with depth (GPT-2 / torchtitan).
@@ -428,17 +509,34 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        rope: Tensor,
+        rope: Tensor | None,
         attn_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        memory: Tensor | tuple[Tensor, Tensor] | None = None,
+        memory_mask: Tensor | None = None,
     ) -> Tensor:
+        """memory / memory_mask: the encoder output (or this block's precomputed cross K/V)
+        and its mask, for a block with cross-attention."""
+        if self.post_norm:
+            h = self.attention_norm(x + self.attention(x, rope, attn_mask, kv_cache))
+            if self.cross_attention is not None:
+                h = self.cross_attention_norm(
+                    h + self.cross_attention(h, None, memory_mask, memory=memory))
+            return self.ffn_norm(h + self.feed_forward(h))
         h = x + self.attention(self.attention_norm(x), rope, attn_mask, kv_cache)
+        if self.cross_attention is not None:
+            h = h + self.cross_attention(self.cross_attention_norm(h), None, memory_mask,
+                                         memory=memory)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, *, seed: int | None = None) -> None:
-        """wq/wk/wv/w1/w3 ~ N(0, init_std); wo/w2 ~ N(0, out_std); norms = 1."""
+        """wq/wk/wv/w1/w3 ~ N(0, init_std); wo/w2 ~ N(0, out_std); biases 0; norms = 1."""
         std, out_std = self.init_std, self.out_std
         self.attention.init_weights(std, out_std, seed=_child_seed(seed, "attention"))
+        if self.cross_attention is not None:
+            self.cross_attention.init_weights(std, out_std,
+                                              seed=_child_seed(seed, "cross_attention"))
+            self.cross_attention_norm.reset_parameters()
         self.feed_forward.init_weights(std, out_std, seed=_child_seed(seed, "feed_forward"))
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
@@ -452,7 +550,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
-        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm: nn.Module | None = make_norm(cfg)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight

@@ -114,11 +114,11 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer,
     return engine
 
 
-def micro_step(engine: Any, inputs: torch.Tensor, targets: torch.Tensor,
-               loss_fn: Any) -> torch.Tensor:
-    """Forward and backward of one micro-batch; the engine steps the optimizer (with clipping)
-    itself once the accumulation boundary is reached. Returns the micro-batch's mean loss."""
-    loss = loss_fn(engine(inputs), targets)
+def micro_step(engine: Any, loss_of: Any) -> torch.Tensor:
+    """Forward and backward of one micro-batch, whose mean loss `loss_of(engine)` computes
+    (calling the engine as the model); the engine steps the optimizer (with clipping) itself
+    once the accumulation boundary is reached. Returns the micro-batch's mean loss."""
+    loss = loss_of(engine)
     engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
     engine.step()
     return loss.detach()

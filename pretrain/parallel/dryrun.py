@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from pretrain.config import ModelConfig, ParallelConfig
-from pretrain.models.llama import build_model
+from pretrain.models.build import build_model
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.memory import GIB, MemoryEstimate, estimate_memory
 from pretrain.parallel.parallelize import parallelize

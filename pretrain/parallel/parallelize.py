@@ -40,7 +40,8 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from pretrain.config import ModelConfig, ParallelConfig
-from pretrain.models.llama import build_model, draw_init_seed
+from pretrain.models.build import block_stacks, build_model
+from pretrain.models.llama import draw_init_seed
 from pretrain.parallel.dims import ParallelDims
 
 # Selective activation checkpointing keeps the outputs of these ops (the expensive matmuls and
@@ -203,22 +204,28 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Wrap every block: 'full' recomputes the block, 'selective' keeps matmul outputs."""
     if mode == "none":
         return
-    for name, block in list(model.layers.named_children()):
-        if mode == "full":
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
-        else:
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False,
-                                         context_fn=_selective_context)
-        model.layers.register_module(name, wrapped)
+    for _, stack in block_stacks(model):
+        for name, block in list(stack.named_children()):
+            if mode == "full":
+                wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+            else:
+                wrapped = checkpoint_wrapper(block, preserve_rng_state=False,
+                                             context_fn=_selective_context)
+            stack.register_module(name, wrapped)
 
 
 def apply_compile(model: nn.Module) -> None:
     """Compile each block in place (names unchanged); every layer shares one compiled graph.
     The chunked loss compiles its per-chunk element-wise work (`Transformer.compile_loss`)."""
-    for block in model.layers.values():
+    for block in _blocks(model):
         block.compile(fullgraph=True)
     if hasattr(model, "compile_loss"):
         model.compile_loss = True
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Every block of every stack (an encoder-decoder has two)."""
+    return [block for _, stack in block_stacks(model) for block in stack.values()]
 
 
 # ---------------------------------------------------------------------- data parallel
@@ -238,7 +245,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, mp_policy: MixedPrecisi
     """FSDP2 per block, then the root (embeddings, final norm, output): one all-gather per
     block in forward and backward, one reduce-scatter per block in backward. A 2-D mesh
     (dp_replicate, dp_shard) gives HSDP: sharded within a group, replicated across groups."""
-    for block in model.layers.values():
+    for block in _blocks(model):
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy,
                     reshard_after_forward=reshard_after_forward)
     # The root's parameters are needed again right at the start of backward (output layer).
@@ -250,7 +257,7 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, *, mp_policy: MixedPrecisio
     overlapped with backward; unlike nn.parallel.DistributedDataParallel it composes with
     DTensor (TP) parameters and pipeline stages, and shares FSDP2's no-sync switch. (Imported
     from torch.distributed._composable: not exported publicly yet; torchtitan uses it too.)"""
-    for block in model.layers.values():
+    for block in _blocks(model):
         replicate(block, mesh=dp_mesh, mp_policy=mp_policy)
     replicate(model, mesh=dp_mesh, mp_policy=mp_policy)
 
@@ -317,15 +324,25 @@ def base_seed(seed: int) -> int:
         return draw_init_seed()
 
 
-def _reference(cfg: ModelConfig, layers: Sequence[str], top: Iterable[str], seed: int) -> nn.Module:
-    """A full-size (unsharded) CPU copy of part of the model, initialized. Parameters are
-    seeded by name (see llama.py), so a part holds the same values as the whole model."""
+def _top_modules(model: nn.Module) -> list[str]:
+    """Names of the model's direct children that are not block stacks (embeddings, norms,
+    heads), present in this part."""
+    stacks = {name for name, _ in block_stacks(model)}
+    return [n for n, m in model.named_children() if n not in stacks and m is not None]
+
+
+def _reference(cfg: ModelConfig, blocks: Sequence[str], top: Iterable[str], seed: int) -> nn.Module:
+    """A full-size (unsharded) CPU copy of part of the model, initialized: the blocks named
+    "stack.i" in `blocks` and the top-level modules in `top`. Parameters are seeded by name
+    (see llama.py), so a part holds the same values as the whole model."""
     ref = build_model(cfg, device="meta")
-    for name in list(ref.layers.keys()):
-        if name not in layers:
-            del ref.layers[name]
-    for name in ("tok_embeddings", "norm", "output"):
-        if name not in top:
+    for stack_name, stack in block_stacks(ref):
+        for name in list(stack.keys()):
+            if f"{stack_name}.{name}" not in blocks:
+                del stack[name]
+    keep = set(top)
+    for name in _top_modules(ref):
+        if name not in keep:
             setattr(ref, name, None)
     ref.to_empty(device="cpu")
     with torch.no_grad():
@@ -348,14 +365,15 @@ def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
 
 def _init_part(part: nn.Module, cfg: ModelConfig, seed: int) -> None:
     params = {clean_fqn(n): p for n, p in part.named_parameters()}
-    top = [n for n in ("tok_embeddings", "norm", "output") if getattr(part, n, None) is not None]
+    top = _top_modules(part)
     # One reference at a time (the non-block modules, then each block): host memory stays at
     # the largest piece, not the whole model.
     groups: list[tuple[list[str], list[str]]] = [([], top)]
-    groups += [([name], []) for name in part.layers.keys()]
+    groups += [([f"{stack_name}.{name}"], []) for stack_name, stack in block_stacks(part)
+               for name in stack.keys()]
     done: set[str] = set()
-    for layers, top_names in groups:
-        ref = _reference(cfg, layers, top_names, seed)
+    for blocks, top_names in groups:
+        ref = _reference(cfg, blocks, top_names, seed)
         for name, full in ref.named_parameters():
             if name in params and name not in done:
                 _copy_full_into(params[name], full.detach())

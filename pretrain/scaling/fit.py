@@ -546,7 +546,7 @@ def recommend(
     rec = Recommendation(float(budget_flops), float(n_opt), float(d_opt), loss_opt)
     if not presets:
         return rec
-    from pretrain.models.llama import count_params, flops_per_token
+    from pretrain.models.build import count_params, flops_per_token
 
     exclude = fit.params_kind == "non_embedding"
     sizes = {name: count_params(cfg, exclude_embeddings=exclude) for name, cfg in presets.items()}

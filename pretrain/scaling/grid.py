@@ -61,7 +61,7 @@ def _entry(
     budget: float, name: str, cfg: ModelConfig, seq_len: int, step_tokens: int,
     exclude_embeddings: bool,
 ) -> dict[str, Any]:
-    from pretrain.models.llama import count_params, flops_per_token
+    from pretrain.models.build import count_params, flops_per_token
 
     params = count_params(cfg, exclude_embeddings=exclude_embeddings)
     steps = round(budget / flops_per_token(cfg, seq_len) / step_tokens)

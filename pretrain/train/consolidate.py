@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from pretrain.config import ModelConfig
 from pretrain.errors import CheckpointError
-from pretrain.models.llama import build_model
+from pretrain.models.build import build_model
 from pretrain.parallel.parallelize import clean_fqn
 from pretrain.train.checkpoint import (
     TRAINER_STATE,

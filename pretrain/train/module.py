@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -46,7 +47,9 @@ from pretrain.config import (
 )
 from pretrain.data.loader import Batch
 from pretrain.errors import CheckpointError, ConfigError
-from pretrain.models.llama import attention_backends, build_model, check_initialized
+from pretrain.eval.scores import Scorer
+from pretrain.models.build import build_model
+from pretrain.models.llama import attention_backends, check_initialized
 from pretrain.models.loss import IGNORE_INDEX, cross_entropy
 from pretrain.parallel import deepspeed_backend as ds
 from pretrain.parallel.dims import ParallelDims
@@ -264,23 +267,46 @@ class TrainModule:
         """(summed loss over the batch's targets that are not IGNORE_INDEX, their count)."""
         raise NotImplementedError
 
-    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+    def _logits(self, batch: Batch) -> Tensor | None:
+        """The batch's full logits, for a scorer; None where this rank does not have them."""
+        return None
+
+    def evaluate(self, batches: Iterable[Batch], scorer: Scorer | None = None) -> dict[str, float]:
         """Token-weighted mean loss over every rank's batches (padding rows carry IGNORE_INDEX
-        targets), so a fixed global set of windows gives the same loss on any layout."""
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        targets), so a fixed global set of windows gives the same loss on any layout; with a
+        `scorer`, also the objective's metrics (from the full logits), summed the same way."""
+        names: list[str] = []
+        sums: list[Tensor] = []
         for part in self.parts:
             part.eval()
         try:
-            with self.attention():
+            with self.attention(), torch.no_grad():
                 for batch in batches:
-                    loss_sum, count = self._eval_sum(batch.to(self.device))
-                    total += torch.stack([loss_sum.double(), count.double()])
+                    batch = batch.to(self.device)
+                    logits = self._logits(batch) if scorer is not None else None
+                    if logits is not None:
+                        counted = batch.targets != IGNORE_INDEX
+                        loss_sum = F.cross_entropy(
+                            logits.flatten(0, 1).float(), batch.targets.flatten(),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+                        pairs = {"val/loss": (loss_sum.double(), counted.sum().double()),
+                                 **scorer.sums(logits, batch)}
+                    else:
+                        loss_sum, count = self._eval_sum(batch)
+                        pairs = {"val/loss": (loss_sum.double(), count.double())}
+                    if not names:
+                        names = list(pairs)
+                        sums = [torch.zeros(2, dtype=torch.float64, device=self.device)
+                                for _ in names]
+                    for i, name in enumerate(names):
+                        sums[i] += torch.stack(pairs[name])
         finally:
             for part in self.parts:
                 part.train()
-        total = self.dp_sum(total)
-        loss = (total[0] / total[1].clamp(min=1)).item()
-        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        total = self.dp_sum(torch.stack(sums)).tolist()  # (metrics, 2)
+        out = {name: num / max(den, 1.0) for name, (num, den) in zip(names, total)}
+        out["val/ppl"] = math.exp(min(out["val/loss"], 50.0))
+        return out
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
@@ -316,6 +342,16 @@ class TrainModule:
         return None
 
 
+def model_loss(model: Any, batch: Batch, *, chunked: bool) -> Tensor:
+    """The mean loss of `model` (any family, or an engine wrapping it) on `batch`: computed by
+    the model from the targets (chunked: the full logits never exist; an encoder applies its
+    head to the predicted positions only), or from the full logits."""
+    kwargs = batch.model_kwargs()
+    if chunked:
+        return model(batch.inputs, targets=batch.targets, **kwargs)
+    return cross_entropy(model(batch.inputs, **kwargs), batch.targets)
+
+
 def _mean_times_count(mean: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     count = (targets != IGNORE_INDEX).sum()
     # A batch of padding rows only has a NaN mean (0/0): it adds nothing.
@@ -331,11 +367,8 @@ class NativeTrainModule(TrainModule):
         self.model = model
 
     def _loss(self, batch: Batch) -> Tensor:
-        inputs, targets = batch
         with self.autocast():
-            if self.settings.chunked_loss:  # the model applies `output` and the loss in chunks
-                return self.model(inputs, targets=targets, **batch.model_kwargs())
-            return cross_entropy(self.model(inputs, **batch.model_kwargs()), targets)
+            return model_loss(self.model, batch, chunked=self.settings.chunked_loss)
 
     def _micro_batch(self, batch: Batch) -> Tensor:
         loss = self._loss(batch)
@@ -346,6 +379,10 @@ class NativeTrainModule(TrainModule):
     @torch.no_grad()
     def _eval_sum(self, batch: Batch) -> tuple[Tensor, Tensor]:
         return _mean_times_count(self._loss(batch), batch.targets)
+
+    def _logits(self, batch: Batch) -> Tensor | None:
+        with self.autocast():
+            return self.model(batch.inputs, **batch.model_kwargs())
 
     @property
     def generation_model(self) -> nn.Module | None:
@@ -410,8 +447,7 @@ class DeepSpeedTrainModule(TrainModule):
         return False
 
     def _micro_batch(self, batch: Batch) -> Tensor:
-        inputs, targets = batch
-        return ds.micro_step(self.engine, inputs, targets, cross_entropy)
+        return ds.micro_step(self.engine, lambda engine: model_loss(engine, batch, chunked=False))
 
     def optimizer_step(self, loss: Tensor, *, skip: bool = False) -> StepStats:
         """The engine clipped and stepped after the last micro-batch (its fp16 loss scaler skips
@@ -423,13 +459,15 @@ class DeepSpeedTrainModule(TrainModule):
 
     @torch.no_grad()
     def _eval_sum(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        inputs, targets = batch
-        return _mean_times_count(cross_entropy(self.engine(inputs), targets), targets)
+        return _mean_times_count(model_loss(self.engine, batch, chunked=False), batch.targets)
 
-    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+    def _logits(self, batch: Batch) -> Tensor | None:
+        return self.engine(batch.inputs, **batch.model_kwargs())
+
+    def evaluate(self, batches: Iterable[Batch], scorer: Scorer | None = None) -> dict[str, float]:
         self.engine.eval()
         try:
-            return super().evaluate(batches)
+            return super().evaluate(batches, scorer)
         finally:
             self.engine.train()
 
