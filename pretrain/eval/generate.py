@@ -1,17 +1,51 @@
-"""Autoregressive sampling from a `Transformer`: greedy, temperature, top-k, top-p (nucleus).
+"""Generation from every model family: greedy, temperature, top-k, top-p (nucleus).
 
-`generate` decodes one sequence with a KV cache (or, for checking, recomputing the whole prefix
-each step), never runs past `model.config.max_seq_len`, and stops at EOS.
+    decoder          `generate` continues a prompt; `infill` writes a FIM middle between a
+                     prefix and a suffix (`infill_exact_match`: the training-time metric)
+    encoder          `fill_masks` predicts the <mask> positions (`fill_mask_text` on text)
+    encoder_decoder  `generate_seq2seq` decodes from an encoded input (T5: start at pad, stop at
+                     EOS), the encoder and the cross-attention keys computed once
+
+Autoregressive paths use a KV cache, or, for checking, recompute the whole prefix each step
+(`use_cache=False`), and stop at EOS. Text helpers (`encode_with_specials`,
+`decode_with_specials`) let a user write the control pieces (`<mask>`, `<extra_id_0>`, ...) in
+text, which plain encoding never turns into their ids.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
+from pretrain.data.tokenizer import EOS_ID, MASK, PAD_ID
+from pretrain.errors import DataError
+from pretrain.models.encoder import Encoder
 from pretrain.models.llama import KVCache, Transformer
+from pretrain.models.t5 import EncoderDecoder
 
-__all__ = ["filter_logits", "generate", "sample_logits"]
+if TYPE_CHECKING:
+    from pretrain.data.tokenizer import FimIds, Tokenizer
+
+__all__ = [
+    "InfillDoc",
+    "MaskPrediction",
+    "decode_with_specials",
+    "encode_with_specials",
+    "fill_mask_text",
+    "fill_masks",
+    "filter_logits",
+    "fim_prompt",
+    "generate",
+    "generate_seq2seq",
+    "infill",
+    "infill_exact_match",
+    "sample_logits",
+]
 
 
 def filter_logits(
@@ -73,15 +107,17 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """Continue `prompt_ids`; return the new tokens only.
 
     Stops after `max_new_tokens`, when the prompt plus the new tokens fill
-    `model.config.max_seq_len` (the rotary table's length), or at `eos_id`; the EOS token itself
-    is not returned (the result is the text's tokens). With `use_cache=False` every step
-    recomputes the whole prefix: slower, and the reference the cached path is tested against.
+    `model.config.max_seq_len` (the rotary table's length), or at `eos_id` or any of
+    `stop_ids`; the stop token itself is not returned (the result is the text's tokens). With
+    `use_cache=False` every step recomputes the whole prefix: slower, and the reference the
+    cached path is tested against.
     """
     max_len = model.config.max_seq_len
     if not prompt_ids:
@@ -100,10 +136,263 @@ def generate(
         logits = model(step_input, kv_cache=cache)[0, -1]  # (vocab,)
         next_id = int(sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator))
-        if next_id == eos_id:
+        if next_id == eos_id or next_id in stop_ids:
             break
         new_ids.append(next_id)
         token = torch.tensor([[next_id]], dtype=torch.long, device=device)  # (1, 1)
         context = torch.cat([context, token], dim=1)
         step_input = token if use_cache else context
     return new_ids
+
+
+# -- encoder-decoder ---------------------------------------------------------------------------
+
+
+def _padded(inputs: Tensor | Sequence[Sequence[int]], attn_mask: Tensor | None, pad_id: int,
+            device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """(B, S) ids and their (B, 1, 1, S) key mask (None: every position is a token) of a
+    tensor (S,) or (B, S), or of a batch of id lists (right-padded, masked where ragged)."""
+    if isinstance(inputs, Tensor):
+        ids = (inputs[None] if inputs.dim() == 1 else inputs).to(device=device, dtype=torch.long)
+        mask = None if attn_mask is None else attn_mask.view(ids.shape).to(device, torch.bool)
+    else:
+        if attn_mask is not None:
+            raise ValueError("attn_mask goes with a tensor of ids; lists are masked by length")
+        lengths = [len(row) for row in inputs]
+        ids = torch.full((len(inputs), max(lengths, default=0)), pad_id, dtype=torch.long)
+        for b, row in enumerate(inputs):
+            ids[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        ids = ids.to(device)
+        ragged = len(set(lengths)) > 1
+        mask = (torch.arange(ids.shape[1], device=device)[None, :]
+                < torch.tensor(lengths, device=device)[:, None]) if ragged else None
+    if ids.numel() == 0 or (mask is not None and not bool(mask.any(dim=1).all())):
+        raise ValueError("an encoder input is empty; give every sequence at least one token "
+                         "(T5 inputs end with EOS)")
+    return ids, None if mask is None else mask[:, None, None, :]
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    model: EncoderDecoder,
+    input_ids: Tensor | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = EOS_ID,
+    start_id: int = PAD_ID,
+    pad_id: int = PAD_ID,
+    attn_mask: Tensor | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Decode each encoder input of a batch; return each one's new tokens (without the start
+    token and the EOS that ended it).
+
+    input_ids: a tensor (S,) or (B, S) (`attn_mask` (B, S) bool marks its real tokens, default
+    all), or a list of id lists of any lengths (right-padded with `pad_id` and masked). The
+    encoder runs once and each decoder block's cross-attention keys and values are computed
+    once; the decoder starts from `start_id` (T5's decoder_start_token_id: pad) and feeds one
+    token per step through a KV cache. A sequence is finished at `eos_id` (the batch runs on
+    until all are, or `max_new_tokens`). `use_cache=False` recomputes the whole decoder over
+    the encoder output at every step: the reference the cached path is tested against.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
+    param = next(model.parameters())
+    ids, mask = _padded(input_ids, attn_mask, pad_id, param.device)  # (B, S), (B, 1, 1, S)
+    B = ids.shape[0]
+    memory = model.encode(ids, attn_mask=mask)  # (B, S, dim)
+    cfg = model.config
+    cache, cross = None, memory
+    if use_cache:
+        cross = model.memory_kv(memory)  # per decoder block, reused at every step
+        cache = KVCache(n_layers=len(model.decoder_layers), batch_size=B,
+                        n_kv_heads=cfg.n_kv_heads or cfg.n_heads,
+                        head_dim=cfg.head_dim or cfg.dim // cfg.n_heads,
+                        max_len=max_new_tokens, device=param.device, dtype=param.dtype)
+    decoded = torch.full((B, 1), start_id, dtype=torch.long, device=param.device)  # (B, t)
+    step_input, done = decoded, torch.zeros(B, dtype=torch.bool, device=param.device)
+    new: list[list[int]] = [[] for _ in range(B)]
+    for _ in range(max_new_tokens):
+        h = model.decode(step_input, cross, memory_mask=mask, kv_cache=cache)[:, -1]  # (B, dim)
+        logits = model.output(h * model.output_scale)  # (B, vocab)
+        next_ids = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generator)  # (B,)
+        stop = next_ids == eos_id if eos_id is not None else torch.zeros_like(done)
+        for row, token, keep in zip(new, next_ids.tolist(), (~done & ~stop).tolist()):
+            if keep:
+                row.append(token)
+        done |= stop
+        if bool(done.all()):
+            break
+        next_ids = next_ids.masked_fill(done, pad_id)  # finished rows: fed, never read
+        decoded = torch.cat([decoded, next_ids[:, None]], dim=1)
+        step_input = next_ids[:, None] if use_cache else decoded
+    return new
+
+
+# -- fill in the middle (decoder) --------------------------------------------------------------
+
+InfillDoc = tuple[Sequence[int], Sequence[int], Sequence[int]]
+"""(prefix, middle, suffix) token ids of one held-out document (lists or numpy arrays)."""
+
+
+def fim_prompt(prefix_ids: Iterable[int], suffix_ids: Iterable[int], fim_ids: FimIds, *,
+               spm: bool = False) -> list[int]:
+    """The tokens a FIM-trained decoder continues with the middle, in the training format
+    (`pretrain.data.objectives.Fim`): PSM `<fim_prefix> prefix <fim_suffix> suffix <fim_middle>`
+    or SPM `<fim_prefix> <fim_suffix> suffix <fim_middle> prefix`."""
+    prefix, suffix = [int(i) for i in prefix_ids], [int(i) for i in suffix_ids]
+    if spm:
+        return [fim_ids.prefix, fim_ids.suffix, *suffix, fim_ids.middle, *prefix]
+    return [fim_ids.prefix, *prefix, fim_ids.suffix, *suffix, fim_ids.middle]
+
+
+def infill(
+    model: Transformer,
+    prefix_ids: Iterable[int],
+    suffix_ids: Iterable[int],
+    *,
+    fim_ids: FimIds,
+    max_new_tokens: int,
+    eos_id: int | None = EOS_ID,
+    spm: bool = False,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[int]:
+    """The middle a FIM-trained decoder writes between a prefix and a suffix (greedy by
+    default): `generate` on `fim_prompt`, stopped at EOS (a trained middle ends where its
+    document did), at <fim_pad>, after `max_new_tokens` or at the model's max_seq_len
+    (ValueError when the prompt alone fills it)."""
+    prompt = fim_prompt(prefix_ids, suffix_ids, fim_ids, spm=spm)
+    return generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, eos_id=eos_id, stop_ids=(fim_ids.pad,),
+                    use_cache=use_cache, generator=generator)
+
+
+def infill_exact_match(
+    model: Transformer,
+    docs: Sequence[InfillDoc],
+    *,
+    fim_ids: FimIds,
+    max_new_tokens: int,
+    eos_id: int | None = EOS_ID,
+    spm: bool = False,
+) -> float:
+    """The fraction of `docs` whose greedy infill (`infill`) equals the true middle exactly,
+    ended by EOS or <fim_pad> (0.0 for no docs). Eager, without gradients, the model in eval
+    mode and put back as it was.
+
+    Each document is asked for len(middle) + 1 tokens, the middle and its end (past that it
+    cannot match); a middle longer than `max_new_tokens` counts as a miss without generating.
+    Every prompt must leave room under the model's max_seq_len (ValueError otherwise).
+    """
+    if not docs:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    hits = 0
+    try:
+        with torch.no_grad():
+            for prefix, middle, suffix in docs:
+                target = [int(i) for i in middle]
+                if len(target) > max_new_tokens:
+                    continue
+                got = infill(model, prefix, suffix, fim_ids=fim_ids,
+                             max_new_tokens=len(target) + 1, eos_id=eos_id, spm=spm,
+                             temperature=0.0)
+                hits += got == target
+    finally:
+        model.train(was_training)
+    return hits / len(docs)
+
+
+# -- masked LM (encoder) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskPrediction:
+    """The most probable ids at one masked position, most probable first."""
+
+    position: int
+    """Index of the masked token in the input."""
+    ids: list[int]
+    probs: list[float]
+    """Softmax probabilities over the whole vocabulary (so they sum to at most 1)."""
+
+
+@torch.no_grad()
+def fill_masks(model: Encoder, token_ids: Sequence[int] | Tensor, mask_id: int, *,
+               top_k: int = 5) -> list[MaskPrediction]:
+    """The `top_k` predictions at every position of `token_ids` (one sequence, (T,)) that holds
+    `mask_id`, in position order; the masked-LM head runs on those positions only."""
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k}; use a positive integer")
+    param = next(model.parameters())
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().to(param.device)  # (T,)
+    positions = (ids == mask_id).nonzero().flatten()  # (M,)
+    if positions.numel() == 0:
+        return []
+    h = model.encode(ids[None])[0, positions]  # (M, dim)
+    probs = model.head(h).float().softmax(dim=-1)  # (M, vocab)
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)  # (M, k) each
+    return [MaskPrediction(int(pos), top.indices[m].tolist(), top.values[m].tolist())
+            for m, pos in enumerate(positions.tolist())]
+
+
+def fill_mask_text(model: Encoder, tokenizer: Tokenizer, text: str, *,
+                   top_k: int = 5) -> tuple[str, list[MaskPrediction]]:
+    """`text` with each literal "<mask>" replaced by the model's most probable token, and the
+    `top_k` predictions at each mask. DataError when the tokenizer has no <mask>."""
+    mask_id = tokenizer.mask_id
+    ids = encode_with_specials(tokenizer, text, [MASK])
+    predictions = fill_masks(model, ids, mask_id, top_k=top_k)
+    for p in predictions:
+        ids[p.position] = p.ids[0]
+    return tokenizer.decode(ids), predictions
+
+
+# -- text with control pieces ------------------------------------------------------------------
+
+
+def _specials_pattern(pieces: Iterable[str]) -> re.Pattern[str]:
+    # Longest first, so that <extra_id_10> is not read as <extra_id_1> followed by "0>".
+    names = sorted(set(pieces), key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(p) for p in names) + ")")
+
+
+def encode_with_specials(tokenizer: Tokenizer, text: str, pieces: Iterable[str]) -> list[int]:
+    """Token ids of `text` in which each literal occurrence of one of `pieces` (e.g. "<mask>",
+    "<extra_id_0>") becomes that piece's id: plain encoding spells them out as characters.
+    DataError when the tokenizer lacks a piece the text uses."""
+    ids: list[int] = []
+    for i, part in enumerate(_specials_pattern(pieces).split(text)):
+        if i % 2 == 0:
+            ids.extend(tokenizer.encode(part) if part else [])
+            continue
+        piece_id = tokenizer.piece_to_id(part)
+        if piece_id is None:
+            raise DataError(f"tokenizer {tokenizer.path} has no piece {part}; re-train it with "
+                            "`pretrain-train-tokenizer` (it reserves the objectives' pieces)")
+        ids.append(piece_id)
+    return ids
+
+
+def decode_with_specials(tokenizer: Tokenizer, ids: Iterable[int], pieces: Iterable[str]) -> str:
+    """The text of `ids` with each of `pieces` the tokenizer holds written out (decoding drops
+    control pieces): the inverse of `encode_with_specials`."""
+    shown = {i: p for p in pieces if (i := tokenizer.piece_to_id(p)) is not None}
+    out, run = [], []
+    for i in (int(i) for i in ids):
+        if i in shown:
+            out += [tokenizer.decode(run), shown[i]]
+            run = []
+        else:
+            run.append(i)
+    return "".join([*out, tokenizer.decode(run)])
