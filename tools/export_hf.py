@@ -1,6 +1,8 @@
-"""Turn a run's checkpoint into a Hugging Face directory that
-`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load. Reads
-checkpoints of either backend (native DCP files, DeepSpeed ZeRO 1-3) on one process.
+"""Turn a run's checkpoint into a Hugging Face directory that transformers' `from_pretrained`
+and `AutoTokenizer.from_pretrained` load, as the class of the run's model family (the `arch`
+saved with the run): LlamaForCausalLM (decoder), BertForMaskedLM (encoder) or
+T5ForConditionalGeneration (encoder_decoder). Reads checkpoints of either backend (native DCP
+files, DeepSpeed ZeRO 1-3) on one process.
 
     pretrain-export-hf runs/NAME out/hf-model [--dtype bf16]
 """
@@ -14,7 +16,7 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.errors import CheckpointError
-from pretrain.interop.hf import export_hf
+from pretrain.interop.hf import check_exportable, export_hf
 from pretrain.train.consolidate import load_model_for_export
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         state_dict, state = load_model_for_export(args.checkpoint)
-    except CheckpointError as e:
+        cfg = ModelConfig(**state["config"]["model"])
+        check_exportable(cfg)
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = ModelConfig(**state["config"]["model"])
     export_hf(state_dict, cfg, args.out_dir, tokenizer_path=args.tokenizer
               or state.get("tokenizer_path"), dtype=_DTYPES[args.dtype])
-    print(f"wrote {args.out_dir} ({cfg.name}, step {state['counters']['step']})")
+    print(f"wrote {args.out_dir} ({cfg.name}, {cfg.arch}, step {state['counters']['step']})")
     return 0
 
 

@@ -1,13 +1,29 @@
-"""Hugging Face interop: our `ModelConfig` + state dict <-> `transformers.LlamaForCausalLM`.
+"""Hugging Face interop: our `ModelConfig` + state dict <-> `transformers`, one class per family:
 
-Our model uses HF's rotary convention ("rotate half"), so conversion is a renaming of keys:
-wq/wk need no permutation. Only local directories are read or written; nothing is downloaded.
+    arch=decoder          LlamaForCausalLM
+    arch=encoder          BertForMaskedLM (import also reads BertForPreTraining's masked-LM part
+                          and RobertaForMaskedLM)
+    arch=encoder_decoder  T5ForConditionalGeneration (mlp=relu with tied embeddings: T5 v1.0;
+                          mlp=gated_gelu, untied: T5 v1.1)
+
+Conversion renames keys; the tensors are the same (our rotary convention is HF's "rotate half",
+so wq/wk need no permutation). A config the family's HF class cannot express (an encoder with
+RMSNorm or RoPE, a T5 with biases, ...) is refused with a ValueError naming the fields. Only
+local directories are read or written; nothing is downloaded.
 
 Tokenizer: a SentencePiece BPE model becomes a `tokenizer.json` whose pipeline reproduces
 sentencepiece's encoding exactly (its normalization, dummy prefix and byte fallback), loaded by
-`AutoTokenizer` as a `PreTrainedTokenizerFast`. We do not declare `LlamaTokenizer`: transformers
-5 rebuilds that class's pipeline with a Metaspace pre-tokenizer, which skips sentencepiece's
-dummy prefix on text that starts with a space and so encodes such text differently.
+`AutoTokenizer` as a `PreTrainedTokenizerFast`. We do not declare `LlamaTokenizer` (or T5's,
+BERT's): transformers 5 rebuilds those classes' pipelines (a Metaspace pre-tokenizer, which
+skips sentencepiece's dummy prefix on text that starts with a space and so encodes such text
+differently). The control pieces (pad, unk, BOS, EOS, `<mask>`, `<extra_id_N>`, `<fim_*>`) are
+special tokens: `tok("...")` turns their text into the piece (our `Tokenizer` encodes it as
+characters) and decoding with `skip_special_tokens=True` drops them, as sentencepiece does.
+`<mask>` and the sentinels take the space before them (`lstrip`): the tokens they replaced in
+pre-training began with it. With special tokens requested, the decoder's tokenizer puts BOS in
+front (as LlamaTokenizer); the encoder's and T5's append EOS, as every pre-training document
+ends with EOS and as T5's tokenizer does. A pair is `A </s> B </s>`, BERT's token type 1 on B
+(pre-training used type 0 only, so type 1's embedding is at its init until fine-tuned).
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ import inspect
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +44,7 @@ from pretrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from pretrain.models.llama import ffn_hidden_dim
 
 __all__ = [
+    "check_exportable",
     "export_hf",
     "from_hf_config",
     "from_hf_state_dict",
@@ -37,24 +55,49 @@ __all__ = [
     "to_hf_state_dict",
 ]
 
-_TOP_LEVEL = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+HF_CLASSES = {"decoder": "LlamaForCausalLM", "encoder": "BertForMaskedLM",
+              "encoder_decoder": "T5ForConditionalGeneration"}
+"""The transformers class each of our families exports to."""
+
+# The block options each family's HF class hard-codes (any other value cannot be expressed).
+_RECIPES: dict[str, dict[str, object]] = {
+    "decoder": dict(norm="rms", norm_position="pre", mlp="swiglu", position="rope",
+                    scale_attention=True),
+    "encoder": dict(norm="layer", norm_position="post", bias=True, mlp="gelu",
+                    position="learned", scale_attention=True, tie_embeddings=True),
+    "encoder_decoder": dict(norm="rms", norm_position="pre", bias=False, position="relative",
+                            scale_attention=False),
 }
-_IN_LAYER = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_OUR_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.weight")
-_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_T5_MLP = {"relu": "relu", "gated_gelu": "gated-gelu"}
+_T5_ARCHS = ("T5ForConditionalGeneration", "T5WithLMHeadModel")
+_BERT_ARCHS = ("BertForMaskedLM", "BertForPreTraining")
+
+
+def _head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.dim // cfg.n_heads
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """ValueError naming every field of `cfg` that its family's HF class cannot express."""
+    if cfg.arch not in HF_CLASSES:
+        raise ValueError(f"model.arch={cfg.arch!r}; Hugging Face export knows "
+                         f"{', '.join(HF_CLASSES)}")
+    bad = [f"{k}={getattr(cfg, k)!r} (it needs {v!r})"
+           for k, v in _RECIPES[cfg.arch].items() if getattr(cfg, k) != v]
+    grouped = cfg.n_kv_heads is not None and cfg.n_kv_heads != cfg.n_heads
+    if cfg.arch == "encoder":
+        if grouped:
+            bad.append(f"n_kv_heads={cfg.n_kv_heads} (BERT has no grouped-query attention)")
+        if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.dim:
+            bad.append(f"head_dim={cfg.head_dim} (BERT's is dim / n_heads)")
+    if cfg.arch == "encoder_decoder":
+        if cfg.mlp not in _T5_MLP:
+            bad.append(f"mlp={cfg.mlp!r} (T5 has {' or '.join(map(repr, _T5_MLP))})")
+        if grouped:
+            bad.append(f"n_kv_heads={cfg.n_kv_heads} (T5 has no grouped-query attention)")
+    if bad:
+        raise ValueError(f"model {cfg.name!r} (arch={cfg.arch}) cannot be exported as "
+                         f"{HF_CLASSES[cfg.arch]}: model.{', model.'.join(bad)}")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -80,8 +123,7 @@ def _rope_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": params if cfg.rope_scaling_factor else None}
 
 
-def to_hf_config(cfg: ModelConfig) -> Any:
-    """The `transformers.LlamaConfig` of the same architecture."""
+def _llama_config(cfg: ModelConfig) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -92,19 +134,75 @@ def to_hf_config(cfg: ModelConfig) -> Any:
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
-        head_dim=cfg.dim // cfg.n_heads,
+        head_dim=_head_dim(cfg),
         hidden_act="silu",
         max_position_embeddings=cfg.max_seq_len,
         initializer_range=cfg.init_std,
         rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
+        attention_bias=cfg.bias,
+        mlp_bias=cfg.bias,
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         **_rope_kwargs(cfg),
     )
+
+
+def _bert_config(cfg: ModelConfig) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        architectures=["BertForMaskedLM"],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=ffn_hidden_dim(cfg),
+        hidden_act="gelu",  # exact (erf) GELU, ours for mlp=gelu and in the masked-LM head
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.init_std,
+        layer_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def _t5_config(cfg: ModelConfig) -> Any:
+    from transformers import T5Config
+
+    return T5Config(
+        architectures=["T5ForConditionalGeneration"],
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.dim,
+        d_kv=_head_dim(cfg),
+        d_ff=ffn_hidden_dim(cfg),
+        num_layers=cfg.n_layers,
+        num_decoder_layers=cfg.n_decoder_layers or cfg.n_layers,
+        num_heads=cfg.n_heads,
+        relative_attention_num_buckets=cfg.relative_buckets,
+        relative_attention_max_distance=cfg.relative_max_distance,
+        feed_forward_proj=_T5_MLP[cfg.mlp],
+        layer_norm_epsilon=cfg.norm_eps,
+        # Tied (v1.0) also means the decoder output is scaled by d_model**-0.5; transformers 5
+        # reads that from this flag (as `scale_decoder_outputs`) and ties by the weights.
+        tie_word_embeddings=cfg.tie_embeddings,
+        is_encoder_decoder=True,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,  # T5 starts decoding from pad
+        n_positions=cfg.max_seq_len,  # what older T5 configs call it; only our import reads it
+    )
+
+
+def to_hf_config(cfg: ModelConfig) -> Any:
+    """The transformers config (LlamaConfig, BertConfig or T5Config) of the same model."""
+    check_exportable(cfg)
+    return {"decoder": _llama_config, "encoder": _bert_config,
+            "encoder_decoder": _t5_config}[cfg.arch](cfg)
 
 
 def _hf_rope(hf_cfg: Any) -> dict[str, Any]:
@@ -122,34 +220,34 @@ def _hf_rope(hf_cfg: Any) -> dict[str, Any]:
     return rope
 
 
-def _check_supported(hf_cfg: Any) -> None:
-    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    problems = [
-        (getattr(hf_cfg, "model_type", "llama") != "llama", f"model_type={hf_cfg.model_type!r}"),
-        (hf_cfg.hidden_act != "silu", f"hidden_act={hf_cfg.hidden_act!r}"),
-        (getattr(hf_cfg, "attention_bias", False), "attention_bias=True"),
-        (getattr(hf_cfg, "mlp_bias", False), "mlp_bias=True"),
-        (head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size, f"head_dim={head_dim}"),
-    ]
+def _refuse(kind: str, problems: list[tuple[bool, str]], ours: str) -> None:
     found = [what for bad, what in problems if bad]
     if found:
-        raise ValueError(f"unsupported Llama variant ({', '.join(found)}); pretrain's model is a "
-                         "plain LLaMA (SwiGLU, no biases, head_dim = hidden_size / heads)")
+        raise ValueError(f"unsupported {kind} variant ({', '.join(found)}); {ours}")
 
 
-def from_hf_config(hf_cfg: Any, *, name: str = "hf") -> ModelConfig:
-    """Our `ModelConfig` of an HF Llama config; the SwiGLU width becomes `ffn_hidden_dim`."""
-    _check_supported(hf_cfg)
+def _from_llama(hf_cfg: Any, name: str) -> ModelConfig:
+    """The SwiGLU width becomes `ffn_hidden_dim`."""
+    attention_bias = bool(getattr(hf_cfg, "attention_bias", False))
+    _refuse("Llama", [
+        (hf_cfg.hidden_act != "silu", f"hidden_act={hf_cfg.hidden_act!r}"),
+        (attention_bias != bool(getattr(hf_cfg, "mlp_bias", False)),
+         "attention_bias != mlp_bias"),
+    ], "pretrain's decoder is a plain LLaMA (SwiGLU, biases in all projections or none)")
     rope = _hf_rope(hf_cfg)
     llama3 = rope["rope_type"] == "llama3"
     defaults = ModelConfig()
     kv = hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads
+    head_dim = getattr(hf_cfg, "head_dim", None)
     return ModelConfig(
         name=name,
         dim=hf_cfg.hidden_size,
         n_layers=hf_cfg.num_hidden_layers,
         n_heads=hf_cfg.num_attention_heads,
         n_kv_heads=None if kv == hf_cfg.num_attention_heads else kv,
+        head_dim=None if head_dim in (None, hf_cfg.hidden_size // hf_cfg.num_attention_heads)
+        else head_dim,
+        bias=attention_bias,
         vocab_size=hf_cfg.vocab_size,
         ffn_hidden_dim=hf_cfg.intermediate_size,
         norm_eps=hf_cfg.rms_norm_eps,
@@ -165,47 +263,272 @@ def from_hf_config(hf_cfg: Any, *, name: str = "hf") -> ModelConfig:
     )
 
 
+def _position_offset(hf_cfg: Any) -> int:
+    """Rows of the position table before position 0: RoBERTa numbers positions from
+    padding_idx + 1 (for text without padding in front)."""
+    return hf_cfg.pad_token_id + 1 if hf_cfg.model_type == "roberta" else 0
+
+
+def _from_bert(hf_cfg: Any, name: str) -> ModelConfig:
+    """BERT and RoBERTa: post-norm LayerNorm blocks with biases, GELU, learned positions."""
+    kind = "RoBERTa" if hf_cfg.model_type == "roberta" else "BERT"
+    position = getattr(hf_cfg, "position_embedding_type", "absolute")
+    _refuse(kind, [
+        (hf_cfg.hidden_act != "gelu", f"hidden_act={hf_cfg.hidden_act!r}"),
+        (position != "absolute", f"position_embedding_type={position!r}"),
+        (bool(getattr(hf_cfg, "is_decoder", False)), "is_decoder=True"),
+        (getattr(hf_cfg, "tie_word_embeddings", True) is False, "tie_word_embeddings=False"),
+        (hf_cfg.hidden_size % hf_cfg.num_attention_heads != 0,
+         f"hidden_size {hf_cfg.hidden_size} not divisible by the heads"),
+    ], "pretrain's encoder is BERT's recipe (exact GELU, absolute positions, tied head)")
+    return ModelConfig(
+        name=name,
+        arch="encoder",
+        dim=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_heads=hf_cfg.num_attention_heads,
+        vocab_size=hf_cfg.vocab_size,
+        ffn_hidden_dim=hf_cfg.intermediate_size,
+        norm="layer",
+        norm_position="post",
+        norm_eps=hf_cfg.layer_norm_eps,
+        bias=True,
+        mlp="gelu",
+        position="learned",
+        type_vocab_size=hf_cfg.type_vocab_size,
+        max_seq_len=hf_cfg.max_position_embeddings - _position_offset(hf_cfg),
+        tie_embeddings=True,
+        init_std=hf_cfg.initializer_range,
+    )
+
+
+def _t5_scales_output(hf_cfg: Any) -> bool:
+    """Whether the decoder output is scaled by d_model**-0.5 (T5 v1.0): transformers 5 keeps
+    it as `scale_decoder_outputs` (its `tie_word_embeddings` is always true), 4 as the tie."""
+    return bool(getattr(hf_cfg, "scale_decoder_outputs", hf_cfg.tie_word_embeddings))
+
+
+def _from_t5(hf_cfg: Any, name: str) -> ModelConfig:
+    mlp = {v: k for k, v in _T5_MLP.items()}.get(hf_cfg.feed_forward_proj)
+    _refuse("T5", [(mlp is None, f"feed_forward_proj={hf_cfg.feed_forward_proj!r}")],
+                   f"pretrain's encoder-decoder has {' or '.join(_T5_MLP.values())}")
+    return ModelConfig(
+        name=name,
+        arch="encoder_decoder",
+        dim=hf_cfg.d_model,
+        n_layers=hf_cfg.num_layers,
+        n_decoder_layers=hf_cfg.num_decoder_layers,
+        n_heads=hf_cfg.num_heads,
+        head_dim=hf_cfg.d_kv,
+        vocab_size=hf_cfg.vocab_size,
+        ffn_hidden_dim=hf_cfg.d_ff,
+        norm="rms",
+        norm_eps=hf_cfg.layer_norm_epsilon,
+        mlp=mlp,
+        position="relative",
+        scale_attention=False,
+        relative_buckets=hf_cfg.relative_attention_num_buckets,
+        relative_max_distance=hf_cfg.relative_attention_max_distance,
+        max_seq_len=getattr(hf_cfg, "n_positions", None) or 512,  # T5's pre-training length
+        tie_embeddings=_t5_scales_output(hf_cfg),
+    )
+
+
+_FROM_HF = {"llama": _from_llama, "bert": _from_bert, "roberta": _from_bert, "t5": _from_t5}
+
+
+def from_hf_config(hf_cfg: Any, *, name: str = "hf") -> ModelConfig:
+    """Our `ModelConfig` of a transformers Llama, BERT, RoBERTa or T5 config; ValueError for
+    a variant our models do not implement."""
+    model_type = getattr(hf_cfg, "model_type", "llama")
+    if model_type not in _FROM_HF:
+        raise ValueError(f"model_type={model_type!r} is not supported; pretrain imports "
+                         f"{', '.join(_FROM_HF)}")
+    return _FROM_HF[model_type](hf_cfg, name)
+
+
 # ------------------------------------------------------------------------------ state dicts
 
 
-def _rename(key: str, top: dict[str, str], in_layer: dict[str, str], layer_key: re.Pattern[str],
-            layer_prefix: str) -> str:
-    if key in top:
-        return top[key]
-    match = layer_key.fullmatch(key)
-    if match is None or match.group(2) not in in_layer:
+@dataclass(frozen=True)
+class _Names:
+    """Our parameter names and an HF class's, for one family, as module paths (a parameter's
+    name less its last part, `weight` or `bias`): top-level modules, and the modules inside the
+    blocks of each stack, keyed by (our stack, HF's prefix of block i)."""
+
+    top: dict[str, str]
+    stacks: dict[tuple[str, str], dict[str, str]]
+    aliases: dict[str, str]
+    """HF names of tensors that are another HF name's (tied), as alias -> that name."""
+    ignored: tuple[str, ...] = ()
+    """Substrings of HF names that hold nothing we keep (buffers, heads we lack)."""
+
+    def reversed(self) -> _Names:
+        return _Names({v: k for k, v in self.top.items()},
+                      {(hf, ours): {v: k for k, v in names.items()}
+                       for (ours, hf), names in self.stacks.items()}, {})
+
+    def rename(self, key: str) -> str:
+        """`key` in the other naming (ValueError for a name it does not know)."""
+        module, _, param = key.rpartition(".")
+        if module in self.top:
+            return f"{self.top[module]}.{param}"
+        for (src, dst), names in self.stacks.items():
+            index, _, rest = key.removeprefix(src).partition(".")
+            inner = rest.rpartition(".")[0]
+            if key.startswith(src) and index.isdigit() and inner in names:
+                return f"{dst}{index}.{names[inner]}.{param}"
         raise ValueError(f"unexpected parameter {key!r} in the state dict")
-    return f"{layer_prefix}{match.group(1)}.{in_layer[match.group(2)]}.weight"
 
 
-def _expected_keys(cfg: ModelConfig) -> set[str]:
-    per_layer = [f"layers.{i}.{name}.weight" for i in range(cfg.n_layers) for name in _IN_LAYER]
-    return set(_TOP_LEVEL) | set(per_layer)
+_LLAMA_BLOCK = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BERT_BLOCK = {
+    "attention.wq": "attention.self.query",
+    "attention.wk": "attention.self.key",
+    "attention.wv": "attention.self.value",
+    "attention.wo": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm",
+    "feed_forward.w1": "intermediate.dense",
+    "feed_forward.w2": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+
+
+def _t5_block(decoder: bool, gated: bool) -> dict[str, str]:
+    ffn = "layer.2" if decoder else "layer.1"
+    names = {f"attention.w{x}": f"layer.0.SelfAttention.{x}" for x in "qkvo"}
+    names["attention_norm"] = "layer.0.layer_norm"
+    if decoder:
+        names |= {f"cross_attention.w{x}": f"layer.1.EncDecAttention.{x}" for x in "qkvo"}
+        names["cross_attention_norm"] = "layer.1.layer_norm"
+    if gated:  # v1.1: act(wi_0 x) * wi_1 x, ours act(w1 x) * w3 x
+        names |= {"feed_forward.w1": f"{ffn}.DenseReluDense.wi_0",
+                  "feed_forward.w3": f"{ffn}.DenseReluDense.wi_1"}
+    else:
+        names["feed_forward.w1"] = f"{ffn}.DenseReluDense.wi"
+    names["feed_forward.w2"] = f"{ffn}.DenseReluDense.wo"
+    names["ffn_norm"] = f"{ffn}.layer_norm"
+    return names
+
+
+def _names(arch: str, *, gated: bool = True, roberta: bool = False) -> _Names:
+    """Our names -> the HF class's, for family `arch` (T5: `gated` MLP; encoder: RoBERTa's)."""
+    if arch == "decoder":
+        return _Names({"tok_embeddings": "model.embed_tokens", "norm": "model.norm",
+                       "output": "lm_head"},
+                      {("layers.", "model.layers."): _LLAMA_BLOCK}, {},
+                      ignored=("rotary_emb.inv_freq",))
+    if arch == "encoder":
+        base, head = ("roberta", "lm_head") if roberta else ("bert", "cls.predictions")
+        transform = "" if roberta else ".transform"
+        head_norm = "layer_norm" if roberta else "LayerNorm"
+        return _Names(
+            {"tok_embeddings": f"{base}.embeddings.word_embeddings",
+             "pos_embeddings": f"{base}.embeddings.position_embeddings",
+             "type_embeddings": f"{base}.embeddings.token_type_embeddings",
+             "embed_norm": f"{base}.embeddings.LayerNorm",
+             "head_dense": f"{head}{transform}.dense",
+             "head_norm": f"{head}{transform}.{head_norm}",
+             "output": f"{head}.decoder"},
+            {("layers.", f"{base}.encoder.layer."): _BERT_BLOCK},
+            # The output bias is a parameter of the head that the decoder Linear shares.
+            {f"{head}.bias": f"{head}.decoder.bias"},
+            ignored=("embeddings.position_ids", "embeddings.token_type_ids", f"{base}.pooler.",
+                     "cls.seq_relationship."),
+        )
+    return _Names(
+        {"tok_embeddings": "shared",
+         "relative_bias": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+         "norm": "encoder.final_layer_norm",
+         "decoder_relative_bias": "decoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+         "decoder_norm": "decoder.final_layer_norm",
+         "output": "lm_head"},
+        {("layers.", "encoder.block."): _t5_block(False, gated),
+         ("decoder_layers.", "decoder.block."): _t5_block(True, gated)},
+        {"encoder.embed_tokens.weight": "shared.weight",
+         "decoder.embed_tokens.weight": "shared.weight"},
+        ignored=("EncDecAttention.relative_attention_bias",),  # never used by transformers
+    )
+
+
+def _expected(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Names and shapes of the state dict of our model of `cfg` (built on meta: no memory)."""
+    from pretrain.models.build import build_model
+
+    return {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
+
+
+def _check_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig) -> None:
+    """KeyError for missing parameters, ValueError for unknown ones or other shapes."""
+    expected = _expected(cfg)
+    missing = sorted(expected.keys() - state_dict.keys())
+    if missing:
+        raise KeyError(f"state dict lacks {len(missing)} parameters of model {cfg.name!r}, e.g. "
+                       f"{missing[:3]}; pass the whole model's state dict")
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    if unexpected:
+        raise ValueError(f"unexpected parameter {unexpected[0]!r} in the state dict "
+                         f"({len(unexpected)} not in model {cfg.name!r})")
+    wrong = [k for k in expected if state_dict[k].shape != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{k} has shape {tuple(state_dict[k].shape)}, model {cfg.name!r} "
+                         f"{tuple(expected[k])} ({len(wrong)} parameters differ)")
+
+
+def _tie_output(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Our state dict names a tied matrix twice; a checkpoint may hold it once."""
+    state_dict = dict(state_dict)
+    if cfg.tie_embeddings and "tok_embeddings.weight" in state_dict:
+        state_dict.setdefault("output.weight", state_dict["tok_embeddings.weight"])
+    return state_dict
 
 
 def to_hf_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Rename our (whole, unsharded) state dict to LlamaForCausalLM's keys; same tensors."""
-    state_dict = dict(state_dict)
-    if cfg.tie_embeddings:
-        state_dict.setdefault("output.weight", state_dict["tok_embeddings.weight"])
-    missing = _expected_keys(cfg) - set(state_dict)
-    if missing:
-        raise KeyError(f"state dict lacks {len(missing)} parameters of model {cfg.name!r}, e.g. "
-                       f"{sorted(missing)[:3]}; pass the whole model's state dict")
-    return {_rename(k, _TOP_LEVEL, _IN_LAYER, _OUR_LAYER_KEY, "model.layers."): v
-            for k, v in state_dict.items()}
+    """Rename our (whole, unsharded) state dict to the keys of the family's HF class (tied
+    tensors under each of their names); same tensors."""
+    check_exportable(cfg)
+    state_dict = _tie_output(state_dict, cfg)
+    _check_state_dict(state_dict, cfg)
+    names = _names(cfg.arch, gated=cfg.mlp == "gated_gelu")
+    out = {names.rename(k): v for k, v in state_dict.items()}
+    return out | {alias: out[source] for alias, source in names.aliases.items()}
 
 
 def from_hf_state_dict(state_dict: dict[str, Tensor], hf_cfg: Any) -> dict[str, Tensor]:
-    """Rename a LlamaForCausalLM state dict to ours; same tensors. A tied checkpoint may omit
-    lm_head.weight; we fill output.weight with the embedding, as our state dict holds both."""
-    top = {v: k for k, v in _TOP_LEVEL.items()}
-    in_layer = {v: k for k, v in _IN_LAYER.items()}
-    out = {_rename(k, top, in_layer, _HF_LAYER_KEY, "layers."): v
-           for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
-    if hf_cfg.tie_word_embeddings:
-        out.setdefault("output.weight", out["tok_embeddings.weight"])
-    return out
+    """Rename an HF state dict (Llama, BERT, RoBERTa, T5) to ours; same tensors, but for
+    RoBERTa's position table, whose rows before position 0 are dropped. A tied checkpoint may
+    omit the output matrix; we fill output.weight with the embedding, as our state dict holds
+    both."""
+    cfg = from_hf_config(hf_cfg)
+    roberta = getattr(hf_cfg, "model_type", None) == "roberta"
+    names = _names(cfg.arch, gated=cfg.mlp == "gated_gelu", roberta=roberta)
+    hf = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                   "LayerNorm.bias"): v
+          for k, v in state_dict.items() if not any(s in k for s in names.ignored)}
+    for alias, source in names.aliases.items():
+        if alias in hf:
+            hf.setdefault(source, hf[alias])
+            del hf[alias]
+    back = names.reversed()
+    out = {back.rename(k): v for k, v in hf.items()}
+    if cfg.tie_embeddings and "output.weight" in out and "tok_embeddings.weight" in out:
+        if not torch.equal(out["output.weight"], out["tok_embeddings.weight"]):
+            raise ValueError("the checkpoint declares tied embeddings (the output projection "
+                             "is the embedding) but holds a different output matrix")
+    if "pos_embeddings.weight" in out and _position_offset(hf_cfg):
+        out["pos_embeddings.weight"] = out["pos_embeddings.weight"][_position_offset(hf_cfg):]
+    return _tie_output(out, cfg)
 
 
 # --------------------------------------------------------------------------------- tokenizer
@@ -266,9 +589,17 @@ def _spm_normalizer(spec: Any) -> Any:
     return normalizers.Sequence(steps)
 
 
-def spm_to_hf_tokenizer(spm_path: str | Path) -> Any:
+_MASK = "<mask>"
+_STRIP_LEFT = re.compile(r"<mask>|<extra_id_\d+>")
+"""Control pieces that stand for removed tokens (the mask, T5's sentinels), which began with
+the space before them."""
+
+
+
+def spm_to_hf_tokenizer(spm_path: str | Path, *, arch: str = "decoder") -> Any:
     """A `tokenizers.Tokenizer` that encodes and decodes exactly like the SentencePiece BPE
-    model at `spm_path`, adding BOS in front when special tokens are requested."""
+    model at `spm_path`; with special tokens requested it adds BOS in front (arch=decoder) or
+    EOS after the text (encoder, encoder_decoder)."""
     from tokenizers import AddedToken, Tokenizer, decoders, processors
     from tokenizers.models import BPE
 
@@ -284,26 +615,51 @@ def spm_to_hf_tokenizer(spm_path: str | Path) -> Any:
         steps.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(steps)
     specials = [p.piece for p in proto.pieces if p.type in (p.CONTROL, p.UNKNOWN)]
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    bos = pieces[BOS_ID]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, BOS_ID)]
-    )
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False,
+                                       lstrip=bool(_STRIP_LEFT.fullmatch(s))) for s in specials])
+    bos, eos = pieces[BOS_ID], pieces[EOS_ID]
+    if arch == "decoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, BOS_ID)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1",
+            special_tokens=[(eos, EOS_ID)])
     return tok
 
 
-def save_hf_tokenizer(spm_path: str | Path, out_dir: str | Path, *, model_max_length: int) -> None:
+def save_hf_tokenizer(spm_path: str | Path, out_dir: str | Path, *, model_max_length: int,
+                      arch: str = "decoder") -> None:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and a copy of the
-    SentencePiece model (tokenizer.model) into `out_dir`."""
+    SentencePiece model (tokenizer.model) into `out_dir`, for a model of family `arch`:
+    `<mask>` is the encoder's mask token; the other control pieces (T5's sentinels, the FIM
+    pieces) are additional special tokens."""
+    if arch not in HF_CLASSES:
+        raise ValueError(f"arch={arch!r}; one of {', '.join(HF_CLASSES)}")
     out = Path(out_dir)
-    spm_to_hf_tokenizer(spm_path).save(str(out / "tokenizer.json"))
+    spm_to_hf_tokenizer(spm_path, arch=arch).save(str(out / "tokenizer.json"))
     shutil.copyfile(spm_path, out / "tokenizer.model")
-    pieces = [p.piece for p in _load_spm_proto(spm_path).pieces]
-    special = {"pad_token": pieces[PAD_ID], "unk_token": pieces[UNK_ID],
-               "bos_token": pieces[BOS_ID], "eos_token": pieces[EOS_ID]}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True,
-              "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "model_max_length": model_max_length}
+    proto = _load_spm_proto(spm_path)
+    pieces = [p.piece for p in proto.pieces]
+    special: dict[str, Any] = {"pad_token": pieces[PAD_ID], "unk_token": pieces[UNK_ID],
+                               "bos_token": pieces[BOS_ID], "eos_token": pieces[EOS_ID]}
+    control = [p.piece for p in proto.pieces if p.type == p.CONTROL and p.piece not in
+               special.values()]
+    if arch == "encoder" and _MASK in control:
+        special["mask_token"] = _MASK
+        control.remove(_MASK)
+    if arch == "encoder_decoder":  # T5's own lists its sentinels first, in order
+        control.sort(key=lambda piece: not piece.startswith("<extra_id_"))
+    if control:
+        special["additional_special_tokens"] = control
+    decoder = arch == "decoder"
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+              "add_bos_token": decoder, "add_eos_token": not decoder,
+              "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
+              # T5 and Llama take no token types; BERT's are 0 for a text, 1 for a pair's second
+              "model_input_names": ["input_ids", *(["token_type_ids"] if arch == "encoder"
+                                                   else []), "attention_mask"]}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -319,26 +675,54 @@ def export_hf(
     tokenizer_path: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a directory that `AutoModelForCausalLM.from_pretrained(out_dir)` loads
-    (config.json, generation_config.json, safetensors weights in `dtype`) and, given a
-    SentencePiece model, that `AutoTokenizer.from_pretrained(out_dir)` loads. Returns out_dir."""
-    from transformers import LlamaForCausalLM
+    """Write a directory that transformers' `from_pretrained(out_dir)` loads as the family's
+    class (`HF_CLASSES`: config.json, generation_config.json for the generating ones,
+    safetensors weights in `dtype`) and, given a SentencePiece model, that
+    `AutoTokenizer.from_pretrained(out_dir)` loads. Checks everything before writing anything.
+    Returns out_dir."""
+    import transformers
 
     if not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype}; export weights as a floating-point type")
+    hf_cfg = to_hf_config(cfg)  # refuses what the class cannot express
+    hf_state = {k: v.detach().to("cpu", dtype)
+                for k, v in to_hf_state_dict(state_dict, cfg).items()}
+    if tokenizer_path is not None:
+        _load_spm_proto(tokenizer_path)  # a tokenizer we cannot export fails before any write
+    with torch.device("meta"):  # no allocation and no random init: the weights come from us
+        model = getattr(transformers, HF_CLASSES[cfg.arch])(hf_cfg).to(dtype)
+    model.load_state_dict(hf_state, strict=True, assign=True)
+    _retie(model, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_state = to_hf_state_dict(state_dict, cfg)
-    hf_state = {k: v.detach().to("cpu", dtype) for k, v in hf_state.items()}
-    with torch.device("meta"):  # no allocation and no random init: the weights come from us
-        model = LlamaForCausalLM(to_hf_config(cfg)).to(dtype)
-    model.load_state_dict(hf_state, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     model.save_pretrained(out)
+    if cfg.arch == "encoder_decoder":
+        # transformers 5 writes tie_word_embeddings=true for every T5 (it keeps the meaning in
+        # scale_decoder_outputs); write what the weights are, as older versions read it.
+        path = out / "config.json"
+        saved = json.loads(path.read_text())
+        saved["tie_word_embeddings"] = cfg.tie_embeddings
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     if tokenizer_path is not None:
-        save_hf_tokenizer(tokenizer_path, out, model_max_length=cfg.max_seq_len)
+        save_hf_tokenizer(tokenizer_path, out, model_max_length=cfg.max_seq_len, arch=cfg.arch)
     return out
+
+
+def _retie(model: Any, cfg: ModelConfig) -> None:
+    """`load_state_dict(assign=True)` gives every name its own Parameter; share them again
+    where the HF class ties them, so that the matrix is saved once."""
+    if cfg.arch == "decoder":
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    elif cfg.arch == "encoder":
+        head = model.cls.predictions
+        head.decoder.weight = model.bert.embeddings.word_embeddings.weight
+        head.decoder.bias = head.bias
+    else:
+        model.encoder.embed_tokens.weight = model.shared.weight
+        model.decoder.embed_tokens.weight = model.shared.weight
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.shared.weight
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
@@ -353,14 +737,29 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{path} holds no *.safetensors or pytorch_model*.bin weights")
 
 
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "bert": _BERT_ARCHS,
+                  "roberta": ("RobertaForMaskedLM",), "t5": _T5_ARCHS}
+"""The model classes whose checkpoints hold every weight our model of that type needs."""
+
+
 def import_hf(path: str | Path) -> tuple[dict[str, Tensor], ModelConfig]:
-    """Our state dict and config from a local Hugging Face Llama directory (never the hub)."""
-    from transformers import LlamaConfig
+    """Our state dict and config from a local Hugging Face directory of LlamaForCausalLM,
+    BertForMaskedLM (or BertForPreTraining: its masked-LM part), RobertaForMaskedLM or
+    T5ForConditionalGeneration; never the hub. A RoBERTa model numbers positions from
+    padding_idx + 1: ours from 0, which gives its results for text without padding in front."""
+    from transformers import AutoConfig
 
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a local Hugging Face model directory "
                                 "(no config.json); import_hf does not download from the hub")
-    hf_cfg = LlamaConfig.from_pretrained(directory, local_files_only=True)
+    hf_cfg = AutoConfig.from_pretrained(directory, local_files_only=True)
+    known = _ARCHITECTURES.get(hf_cfg.model_type, ())
+    declared = getattr(hf_cfg, "architectures", None) or []
+    if known and declared and not set(declared) & set(known):
+        raise ValueError(f"{directory} holds a {'/'.join(declared)}; import_hf reads "
+                         f"{' or '.join(known)} (the weights of the whole model with its head)")
     cfg = from_hf_config(hf_cfg, name=directory.resolve().name)
-    return from_hf_state_dict(_read_weights(directory), hf_cfg), cfg
+    state_dict = from_hf_state_dict(_read_weights(directory), hf_cfg)
+    _check_state_dict(state_dict, cfg)
+    return state_dict, cfg
