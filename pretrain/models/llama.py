@@ -245,8 +245,10 @@ class KVCache:
         """A cache matching `model`'s shape, device and parameter dtype."""
         cfg = model.config
         param = next(model.parameters())
+        # An encoder-decoder caches its decoder's self-attention.
+        stack = getattr(model, "decoder_layers", None) or model.layers
         return cls(
-            n_layers=cfg.n_layers,
+            n_layers=len(stack),
             batch_size=batch_size,
             n_kv_heads=_kv_heads(cfg),
             head_dim=_head_dim(cfg),

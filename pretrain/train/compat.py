@@ -5,7 +5,7 @@ A checkpoint fixes the parameter set and shapes (and with them the optimizer sta
 backend that wrote it. A config that changes any of them would load partially, fail deep in
 the loader, or, worst, train on and prune the checkpoints it was meant to continue; so such a
 resume is refused with the field, both values and the fix. Fields that change neither (init,
-RoPE, norm epsilon, max_seq_len: the RoPE table is not saved) may change on resume, and so may
+RoPE, norm epsilon, max_seq_len unless positions are learned: the RoPE table is not saved) may change on resume, and so may
 the layout within a backend (checkpoints reshard). Data changes are the loader's to judge.
 """
 
@@ -21,7 +21,9 @@ from pretrain.models.llama import ffn_hidden_dim
 from pretrain.parallel.deepspeed_backend import is_deepspeed_checkpoint
 from pretrain.train import checkpoint as ckpt
 
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "tie_embeddings")
+SHAPE_FIELDS = ("arch", "dim", "n_layers", "n_decoder_layers", "n_heads", "n_kv_heads",
+                "head_dim", "vocab_size", "tie_embeddings", "norm", "bias", "mlp", "position",
+                "type_vocab_size", "relative_buckets", "max_seq_len")
 """ModelConfig fields that change a parameter's shape or meaning, or the parameter set."""
 FFN_FIELDS = ("ffn_hidden_dim", "multiple_of", "ffn_dim_multiplier")
 """Fields that together give the SwiGLU hidden size; a change that keeps the size is fine."""
@@ -54,7 +56,15 @@ def model_mismatches(now: ModelConfig, saved: dict[str, Any]) -> list[tuple[str,
 
 def _shaping(m: ModelConfig, name: str) -> Any:
     """The value of field `name` as the model uses it (n_kv_heads=None means n_heads)."""
-    return (m.n_kv_heads or m.n_heads) if name == "n_kv_heads" else getattr(m, name)
+    if name == "n_kv_heads":
+        return m.n_kv_heads or m.n_heads
+    if name == "n_decoder_layers":
+        return (m.n_decoder_layers or m.n_layers) if m.arch == "encoder_decoder" else None
+    if name == "max_seq_len":  # the size of learned position embeddings; RoPE's is not saved
+        return m.max_seq_len if m.position == "learned" else None
+    if name == "head_dim":
+        return m.head_dim or m.dim // m.n_heads
+    return getattr(m, name)
 
 
 def check_resume(cfg: TrainConfig, run_dir: Path) -> None:

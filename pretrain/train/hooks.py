@@ -172,8 +172,10 @@ class Evaluation(Callback):
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    metrics = run.module.evaluate(run.val_loader.eval_windows(run.cfg.eval_windows))
+    metrics = run.module.evaluate(run.val_loader.eval_windows(run.cfg.eval_windows), run.scorer)
+    metrics |= run.extra_eval()
     run.counters.evals += 1
+    run.counters.last_eval = dict(metrics)
     run.counters.last_val_loss = metrics["val/loss"]
     run.counters.best_val_loss = min(run.counters.best_val_loss, metrics["val/loss"])
     for s in run.sinks:

@@ -72,8 +72,11 @@ class ConsoleSink(Sink):
             print(f"step {step} | {text}", flush=True)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        # The objective's own metrics (val/mlm_acc, val/span_em, val/middle_loss, ...) follow.
+        extra = "".join(f" | {k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()
+                        if k not in ("val/loss", "val/ppl"))
         self.on_text(f"step {step} | val loss {metrics['val/loss']:.4f} | "
-                     f"val ppl {metrics['val/ppl']:.2f}")
+                     f"val ppl {metrics['val/ppl']:.2f}{extra}")
 
     def on_text(self, text: str) -> None:
         self.bar.write(text, file=sys.stdout)
@@ -109,6 +112,9 @@ class WandbSink(Sink):
         for k, v in summary.items():
             if isinstance(v, (int, float, str)):
                 self.run.summary[k] = v
+            elif k == "final_eval" and isinstance(v, dict):  # val/loss, val/mlm_acc, ...
+                for name, value in v.items():
+                    self.run.summary[f"final/{name}"] = value
         self.run.finish()
 
 

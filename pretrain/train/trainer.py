@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
@@ -28,10 +29,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from pretrain.config import TrainConfig
 from pretrain.data.build import PreparedData, build_loader, ensure_data
 from pretrain.data.loader import Batch, ShardedWindowLoader
+from pretrain.data.objectives import Objective, Span, build_objective, infill_split, window_keys
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import NonFiniteError
-from pretrain.eval.generate import generate
-from pretrain.models.llama import count_params, flops_per_token
+from pretrain.eval.generate import InfillDoc, generate, infill_exact_match
+from pretrain.eval.scores import Scorer, build_scorer
+from pretrain.models.build import count_params, flops_per_token
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
@@ -67,6 +70,8 @@ class Counters:
     rollbacks: int = 0
     evals: int = 0
     """Evaluations run so far (0: the validation figures do not exist yet)."""
+    last_eval: dict[str, float] = field(default_factory=dict)
+    """The last evaluation's metrics (val/loss and the objective's own, e.g. val/mlm_acc)."""
     skip_steps: list[int] = field(default_factory=list)
     """Steps whose batch is consumed without an update (spikes rolled back)."""
 
@@ -112,6 +117,23 @@ class Run:
     """Why the loop stops early ('preempted', 'time_limit'), set by a callback."""
     ckpt_due: bool = False
     """The wall-time checkpoint interval has passed (set by a callback)."""
+    scorer: Scorer | None = None
+    """The objective's validation metrics besides the loss (None for clm)."""
+    infill_docs: list[InfillDoc] = field(default_factory=list)
+    """fim: held-out (prefix, middle, suffix) documents for the infill exact match."""
+
+    def extra_eval(self) -> dict[str, float]:
+        """Metrics that generate rather than score a batch: the FIM infill exact match, on a
+        one-process layout (generation needs the whole model; see `samples`)."""
+        model = self.module.generation_model
+        if not self.infill_docs or model is None:
+            return {}
+        fim = self.tokenizer.fim_ids
+        with torch.compiler.set_stance("force_eager"):
+            em = infill_exact_match(model, self.infill_docs, fim_ids=fim,
+                                    eos_id=self.tokenizer.eos_id,
+                                    max_new_tokens=self.cfg.objective.eval_infill_max_tokens)
+        return {"val/infill_em": em}
 
     @property
     def ckpt_root(self) -> Path:
@@ -163,7 +185,11 @@ def total_steps_of(cfg: TrainConfig) -> int:
 
 
 def prepare_data(cfg: TrainConfig, env: DistEnv) -> PreparedData:
-    """Rank 0 trains the tokenizer / prepares shards if needed; the others then find the cache."""
+    """Rank 0 trains the tokenizer / prepares shards if needed; the others then find the cache.
+    A given tokenizer that lacks the objective's special pieces is refused before any data is
+    prepared with it."""
+    if cfg.data.tokenizer is not None and not cfg.data.mix:
+        Tokenizer.load(cfg.data.tokenizer).require_specials(cfg.objective.name)
     if env.is_main:
         data = ensure_data(cfg.data, vocab_size=cfg.model.vocab_size)
     if dist.is_initialized():
@@ -173,11 +199,11 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> PreparedData:
     return data
 
 
-def build_loaders(cfg: TrainConfig, data: PreparedData, dims: ParallelDims,
-                  dp_rank: int) -> tuple[ShardedWindowLoader, ShardedWindowLoader]:
+def build_loaders(cfg: TrainConfig, data: PreparedData, dims: ParallelDims, dp_rank: int,
+                  objective: Objective) -> tuple[ShardedWindowLoader, ShardedWindowLoader]:
     common = dict(seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
                   dp_rank=dp_rank, dp_size=dims.dp, seed=cfg.seed,
-                  vocab_size=cfg.model.vocab_size)
+                  vocab_size=cfg.model.vocab_size, objective=objective)
     return (build_loader(cfg.data, data, "train", **common),
             build_loader(cfg.data, data, "val", **common))
 
@@ -196,7 +222,12 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
     data = prepare_data(cfg, env)
     tokenizer = Tokenizer.load(data.tokenizer_path)
-    train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank)
+    objective = build_objective(cfg.objective, tokenizer, vocab_size=cfg.model.vocab_size)
+    train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank, objective)
+    name = cfg.objective.name
+    scorer = build_scorer(name, sentinels=tokenizer.sentinel_ids if name == "span" else None)
+    infill_docs = (infill_documents(val_loader, cfg, eos_id=tokenizer.eos_id)
+                   if name == "fim" else [])
 
     total = total_steps_of(cfg)
     module = build_train_module(model=cfg.model, optim=cfg.optim, parallel=cfg.parallel,
@@ -206,12 +237,44 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     return Run(
         cfg=cfg, run_dir=run_dir, env=env, device=device, dims=dims, mesh=mesh, module=module,
         train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
-        total_steps=total, flops_per_token=flops_per_token(cfg.model, cfg.seq_len),
+        total_steps=total, flops_per_token=run_flops_per_token(cfg, objective),
         peak_flops=peak,
         checkpointer=ckpt.Checkpointer(run_dir / "checkpoints", keep=cfg.ckpt_keep,
                                        async_save=cfg.ckpt_async),
         spike=SpikeDetector(window=cfg.spike_window, threshold=cfg.spike_threshold),
+        scorer=scorer, infill_docs=infill_docs,
     )
+
+
+def run_flops_per_token(cfg: TrainConfig, objective: Objective) -> float:
+    """FLOPs per input token; span corruption's decoder runs on its target length."""
+    decoder_len = objective.target_len(cfg.seq_len) if isinstance(objective, Span) else None
+    return flops_per_token(cfg.model, cfg.seq_len, decoder_len=decoder_len)
+
+
+def infill_documents(loader: ShardedWindowLoader, cfg: TrainConfig, *,
+                     eos_id: int) -> list[InfillDoc]:
+    """fim: the first `eval_infill_docs` held-out documents (of the first source) as (prefix,
+    middle, suffix), each cut to fit the training window and split by a key of (seed, its
+    index), so every evaluation and every layout asks for the same infills."""
+    o = cfg.objective
+    n, max_middle = o.eval_infill_docs, o.eval_infill_max_tokens
+    max_len = cfg.seq_len - 4  # the three FIM pieces and one generated EOS fit the window
+    docs: list[InfillDoc] = []
+    for shard in loader.sources[0].shards:
+        start = 0
+        for end in np.asarray(shard.doc_ends, dtype=np.int64):
+            doc = np.asarray(shard.tokens[start:end], dtype=np.int64)
+            start = end
+            doc = doc[doc != eos_id][:max_len]
+            if len(doc) < 2:
+                continue
+            key = window_keys(cfg.seed, "infill", np.array([len(docs)]))[0]
+            docs.append(tuple(part.tolist() for part in
+                              infill_split(doc, key, max_middle=max_middle)))
+            if len(docs) >= n:
+                return docs
+    return docs
 
 
 def maybe_resume(run: Run) -> None:
@@ -346,8 +409,8 @@ def samples(run: Run) -> list[dict[str, str]]:
     model would need every rank in lockstep). Generation runs eagerly: the compiled blocks
     were compiled for training shapes, and a KV cache changes the shape every token."""
     model = run.module.generation_model
-    if model is None or not run.cfg.sample_prompts:
-        return []
+    if model is None or not run.cfg.sample_prompts or run.cfg.model.arch != "decoder":
+        return []  # encoders and encoder-decoders: `pretrain-generate` fills masks / spans
     out = []
     gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
     with torch.compiler.set_stance("force_eager"):
@@ -365,6 +428,8 @@ def build_summary(run: Run, status: str, wall_time: float) -> dict[str, Any]:
     return {
         "run_name": run.cfg.run_name,
         "model": m.name,
+        "arch": m.arch,
+        "objective": run.cfg.objective.name,
         "params": count_params(m),
         "non_embedding_params": count_params(m, exclude_embeddings=True),
         "tokens": run.counters.tokens,
@@ -378,6 +443,7 @@ def build_summary(run: Run, status: str, wall_time: float) -> dict[str, Any]:
         "final_val_loss": c.last_val_loss if c.evals else None,
         "best_val_loss": c.best_val_loss if c.evals else None,
         "final_val_ppl": math.exp(min(c.last_val_loss, 50.0)) if c.evals else None,
+        "final_eval": dict(c.last_eval) if c.evals else None,
         "wall_time_s": wall_time,
         "tokens_per_sec": run.counters.tokens / max(wall_time, 1e-9),
         "skipped_steps": run.counters.skipped_total,

@@ -168,7 +168,7 @@ def _train_spm(tmp: Path, options: dict[str, object] | None) -> spm.SentencePiec
     """Ours (`train_tokenizer`) when options is None, else sentencepiece with `options`."""
     path = tmp / "sp.model"
     if options is None:
-        train_tokenizer([CORPUS], str(path), vocab_size=400, character_coverage=1.0,
+        train_tokenizer([CORPUS], str(path), vocab_size=640, character_coverage=1.0,
                         num_threads=1)
     else:
         (tmp / "corpus.txt").write_text(CORPUS)
