@@ -2,8 +2,11 @@
 train and validation loaders for one rank, for one source or a weighted mixture alike.
 
     data = ensure_data(cfg.data, vocab_size=cfg.model.vocab_size)   # rank 0 first, then others
+    objective = build_objective(cfg.objective, Tokenizer.load(data.tokenizer_path),
+                                vocab_size=cfg.model.vocab_size)    # pretrain.data.objectives
     train = build_loader(cfg.data, data, "train", seq_len=..., micro_batch_size=...,
-                         dp_rank=..., dp_size=..., seed=..., vocab_size=...)
+                         dp_rank=..., dp_size=..., seed=..., vocab_size=...,
+                         objective=objective)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from pretrain.data.loader import ShardedWindowLoader
 from pretrain.data.mixture import MixEntry, data_config_errors, parse_mix
+from pretrain.data.objectives import Objective
 from pretrain.data.prepare import ensure_prepared
 from pretrain.data.shards import read_manifest
 from pretrain.data.tokenizer import Tokenizer
@@ -68,10 +72,13 @@ def _mixture_tokenizer(entries: list[MixEntry]) -> str:
 
 def build_loader(
     cfg: DataConfig, data: PreparedData, split: str, *, seq_len: int, micro_batch_size: int,
-    dp_rank: int, dp_size: int, seed: int, vocab_size: int,
+    dp_rank: int, dp_size: int, seed: int, vocab_size: int, objective: Objective | None = None,
 ) -> ShardedWindowLoader:
     """The loader of `split` for one data-parallel rank. The validation loader reads in the
-    calling thread (its batches are fixed); the training loader prefetches per `cfg`."""
+    calling thread (its batches are fixed); the training loader prefetches per `cfg`.
+    `objective` (from `pretrain.data.objectives.build_objective`; default next-token
+    prediction) sets the window length and what the batches hold; `seq_len` is the model's
+    input length (the encoder's for span corruption)."""
     _raise_config_errors(cfg)
     weights = {e.name: e.weight for e in parse_mix(cfg.mix)} if cfg.mix else None
     return ShardedWindowLoader(
@@ -81,7 +88,7 @@ def build_loader(
         document_masking=cfg.document_masking, restart_positions=cfg.restart_positions,
         num_workers=cfg.num_workers if split == "train" else 0, prefetch=cfg.prefetch,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-        allow_data_change=cfg.allow_data_change,
+        allow_data_change=cfg.allow_data_change, objective=objective,
     )
 
 

@@ -20,12 +20,20 @@ threads overlap it with the training step without pickling every batch through a
 Validation (`eval_windows`) reads a fixed set, the first ``n`` windows of the split in stream
 order, whatever the layout: ranks pad their last batch with rows whose targets are all
 IGNORE_INDEX, so every rank runs the same number of full batches.
+
+An objective (`pretrain.data.objectives`; next-token prediction by default) sets how many tokens
+a window holds and turns the windows into inputs and targets. Its random choices (masks, spans,
+FIM cuts) come from a generator per row keyed by (seed, stream, position): in training the
+row's global position ``g``, which no other row of the run shares and which does not depend on
+the layout or the workers, so resume is exact and a window read in a later epoch is corrupted
+anew; in validation the eval position, so the validation set is corrupted the same way in every
+evaluation and on every layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -33,6 +41,7 @@ import torch
 
 from pretrain.data.masking import block_causal_mask, document_positions
 from pretrain.data.mixture import assign_sources, mix_offset, normalize_weights, slice_bounds
+from pretrain.data.objectives import Clm, Corrupted, Objective, window_keys
 from pretrain.data.prefetch import Prefetcher
 from pretrain.data.windows import WindowSource
 from pretrain.errors import DataError
@@ -56,23 +65,35 @@ class Batch:
     """(B, T) int64 document index of each input token within its window (document masking)."""
     positions: torch.Tensor | None = None
     """(B, T) int64 rotary positions restarting at each document (restart_positions)."""
+    decoder_inputs: torch.Tensor | None = None
+    """(B, T_dec) int64 decoder input ids of an encoder-decoder (targets shifted right, the
+    pad id first); `inputs` are then the encoder's and `targets` are (B, T_dec)."""
+    middle_mask: torch.Tensor | None = None
+    """(B, T) bool, fim: the target is a token of a FIM middle (for the loss on the middles);
+    not a model input."""
+
+    @classmethod
+    def from_numpy(cls, c: Corrupted) -> Batch:
+        """A batch sharing the memory of an objective's arrays."""
+        def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a)
+
+        return cls(torch.from_numpy(c.inputs), torch.from_numpy(c.targets),
+                   decoder_inputs=tensor(c.decoder_inputs), middle_mask=tensor(c.middle_mask))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.inputs, self.targets))
 
+    def _map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        return Batch(**{x.name: None if (t := getattr(self, x.name)) is None else f(t)
+                        for x in fields(self)})
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """On `device`; non-blocking copies overlap the transfer when the batch is pinned."""
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return Batch(move(self.inputs), move(self.targets), move(self.doc_ids),
-                     move(self.positions))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.pin_memory()
-
-        return Batch(pin(self.inputs), pin(self.targets), pin(self.doc_ids), pin(self.positions))
+        return self._map(lambda t: t.pin_memory())
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of the model's forward besides the tokens: `attn_mask` (built here,
@@ -80,6 +101,8 @@ class Batch:
         kwargs = {}
         if self.doc_ids is not None:
             kwargs["attn_mask"] = block_causal_mask(self.doc_ids)
+        if self.decoder_inputs is not None:
+            kwargs["decoder_inputs"] = self.decoder_inputs
         if self.positions is not None:
             kwargs["positions"] = self.positions
         return kwargs
@@ -88,18 +111,21 @@ class Batch:
 @dataclass(frozen=True)
 class Plan:
     """What one batch holds, as the state decides it: row i is the `k[i]`-th window of source
-    `sources[i]` in that source's seeded order."""
+    `sources[i]` in that source's seeded order, at global position `positions[i]`."""
 
     sources: np.ndarray
     k: np.ndarray
+    positions: np.ndarray
 
 
 @dataclass(frozen=True)
 class Rows:
-    """What one batch holds, resolved: row i is window `windows[i]` of source `sources[i]`."""
+    """What one batch holds, resolved: row i is window `windows[i]` of source `sources[i]`, at
+    position `positions[i]` of its stream (which keys its corruption)."""
 
     sources: np.ndarray
     windows: np.ndarray
+    positions: np.ndarray
 
 
 class ShardedWindowLoader:
@@ -107,7 +133,8 @@ class ShardedWindowLoader:
 
     `data_dir` is one prepared directory (a source named "data") or a mapping of source names
     to directories, mixed by `weights` (default: in proportion to their tokens, as if they were
-    concatenated).
+    concatenated). `objective` (default next-token prediction) sets the tokens per window,
+    ``objective.window_len(seq_len)``, and what a batch holds.
     """
 
     def __init__(
@@ -117,6 +144,7 @@ class ShardedWindowLoader:
         weights: Mapping[str, float] | None = None, document_masking: bool = False,
         restart_positions: bool = False, num_workers: int = 0, prefetch: int = 2,
         pin_memory: bool = False, allow_data_change: bool = False,
+        objective: Objective | None = None,
     ):
         if seq_len <= 0 or micro_batch_size <= 0 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"need seq_len > 0, micro_batch_size > 0 and 0 <= dp_rank < "
@@ -124,7 +152,10 @@ class ShardedWindowLoader:
         dirs = {"data": data_dir} if isinstance(data_dir, str) else dict(data_dir)
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.sources = [WindowSource(name, dirs[name], split, seq_len=seq_len,
+        self.objective = objective if objective is not None else Clm()
+        self.window_len = self.objective.window_len(seq_len)
+        """Tokens read per window; consecutive windows share one token (stride window_len - 1)."""
+        self.sources = [WindowSource(name, dirs[name], split, seq_len=self.window_len - 1,
                                      vocab_size=vocab_size, verify=verify,
                                      tokenizer_fingerprint=tokenizer_fingerprint)
                         for name in sorted(dirs)]
@@ -139,7 +170,7 @@ class ShardedWindowLoader:
         """Positions consumed by all ranks together since the start of training."""
         self.consumed = np.zeros(len(self.sources), dtype=np.int64)
         """Windows each source has given all ranks together: its position in its own order."""
-        self.last_rows = Rows(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        self.last_rows = Rows(*(np.zeros(0, dtype=np.int64) for _ in range(3)))
         """The rows of this rank's most recent batch."""
         self.notes: list[str] = []
         """What `load_state_dict` found changed and carried on with (for the run's log)."""
@@ -178,7 +209,8 @@ class ShardedWindowLoader:
             after[s] += int(at.sum())
         mine = slice(self.dp_rank * self.micro_batch_size,
                      (self.dp_rank + 1) * self.micro_batch_size)
-        return Plan(sources[mine], k[mine]), after
+        positions = np.arange(cursor, cursor + n, dtype=np.int64)
+        return Plan(sources[mine], k[mine], positions[mine]), after
 
     def resolve(self, plan: Plan) -> Rows:
         """The window ids of a plan's rows (each source's seeded permutation)."""
@@ -186,7 +218,7 @@ class ShardedWindowLoader:
         for s in np.unique(plan.sources):
             at = plan.sources == s
             windows[at] = self.sources[s].window_ids(plan.k[at], self.seed)
-        return Rows(plan.sources, windows)
+        return Rows(plan.sources, windows, plan.positions)
 
     def skip(self, positions: int) -> None:
         """Advance the state by `positions` global positions without reading them, exactly as
@@ -229,22 +261,33 @@ class ShardedWindowLoader:
         rows = self.resolve(plan)
         return self.read(rows), rows
 
-    def read(self, rows: Rows) -> Batch:
-        """Read the windows `rows` names into a batch (thread-safe: the shards are read-only)."""
-        tokens = np.empty((len(rows.windows), self.seq_len + 1), dtype=np.int64)
+    def read(self, rows: Rows, stream: str | None = None) -> Batch:
+        """Read the windows `rows` names into a batch, corrupted by the objective with the keys
+        of their positions in `stream` (default: the split; thread-safe: the shards are
+        read-only)."""
+        tokens = np.empty((len(rows.windows), self.window_len), dtype=np.int64)  # (B, W)
         for out, s, w in zip(tokens, rows.sources, rows.windows):
             self.sources[s].read(int(w), out)
-        batch = Batch(torch.from_numpy(tokens[:, :-1].copy()),  # (B, T)
-                      torch.from_numpy(tokens[:, 1:].copy()))  # (B, T)
-        if self.document_masking:
-            ids = np.empty((len(rows.windows), self.seq_len), dtype=np.int64)  # (B, T)
-            for s in np.unique(rows.sources):
-                at = rows.sources == s
-                ids[at] = self.sources[s].document_ids(rows.windows[at])
+        masking = self.document_masking and self.objective.aligned
+        # Document ids of every window token when the objective needs them, else of the inputs.
+        length = self.window_len if self.objective.needs_doc_ids else self.seq_len
+        ids = self._document_ids(rows, length) if masking or self.objective.needs_doc_ids else None
+        keys = window_keys(self.seed, stream or self.split, rows.positions)
+        batch = Batch.from_numpy(self.objective.corrupt(tokens, keys, ids))
+        if masking:
+            assert ids is not None
+            ids = np.ascontiguousarray(ids[:, :self.seq_len])  # (B, T)
             batch.doc_ids = torch.from_numpy(ids)
             if self.restart_positions:
                 batch.positions = torch.from_numpy(document_positions(ids))
         return batch.pin_memory() if self.pin_memory else batch
+
+    def _document_ids(self, rows: Rows, length: int) -> np.ndarray:
+        ids = np.empty((len(rows.windows), length), dtype=np.int64)  # (B, length)
+        for s in np.unique(rows.sources):
+            at = rows.sources == s
+            ids[at] = self.sources[s].document_ids(rows.windows[at], length)
+        return ids
 
     def _reset_prefetch(self) -> None:
         """Drop batches read ahead under a state that no longer holds."""
@@ -268,8 +311,9 @@ class ShardedWindowLoader:
         run collectives in forward and no rank may skip one: positions past `n_windows` are
         padding rows, which repeat a real window (doc ids and positions included) with every
         target IGNORE_INDEX. A loss summed over the targets that are not IGNORE_INDEX, across
-        ranks, is therefore the same for any dp_size and micro-batch size. The training
-        position is untouched.
+        ranks, is therefore the same for any dp_size and micro-batch size. The objective's
+        corruption is keyed by the eval position (a padding row repeats its real row's), so it
+        is the same in every evaluation. The training position is untouched.
         """
         if n_windows <= 0:
             raise ValueError(f"need n_windows > 0; got {n_windows}")
@@ -283,12 +327,15 @@ class ShardedWindowLoader:
         for s, src in enumerate(self.sources):
             at = sources == s
             windows[at] = np.arange(int(at.sum())) % src.windows_per_epoch
+        stream = f"eval:{self.split}" + ("" if source is None else f":{source}")
         for i in range(-(-n_windows // g)):
             rows = i * g + self.dp_rank * mb + np.arange(mb)
             padding = rows >= n_windows
             rows = rows % n_windows  # a padding row reads some real window
-            batch = self.read(Rows(sources[rows], windows[rows]))
+            batch = self.read(Rows(sources[rows], windows[rows], rows), stream)
             batch.targets[torch.from_numpy(padding)] = IGNORE_INDEX
+            if batch.middle_mask is not None:
+                batch.middle_mask[torch.from_numpy(padding)] = False
             yield batch
 
     def _index(self, name: str) -> int:
@@ -304,8 +351,9 @@ class ShardedWindowLoader:
 
     @property
     def tokens_per_epoch(self) -> int:
-        """Target tokens in one pass over every source (each window predicts seq_len tokens)."""
-        return sum(s.tokens_per_epoch for s in self.sources)
+        """Tokens in one pass over every source, counted as the windows' seq_len inputs (each
+        predicts seq_len tokens; for span corruption, seq_len is the encoder's input)."""
+        return self.windows_per_epoch * self.seq_len
 
     def tokens_consumed(self) -> dict[str, int]:
         """Target tokens each source has given all ranks together since the start of training."""

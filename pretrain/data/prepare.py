@@ -50,7 +50,7 @@ from pretrain.data.shards import (
     write_manifest,
 )
 from pretrain.data.sources import SourceStats, describe_source, iter_documents
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.data.tokenizer import TOKENIZER_FORMAT, Tokenizer, train_tokenizer
 from pretrain.errors import DataError
 
 if TYPE_CHECKING:  # importing the config pulls in Hydra, which spawned workers don't need
@@ -484,7 +484,9 @@ def ensure_prepared(cfg: DataConfig, *, vocab_size: int) -> tuple[str, str]:
 
 def _cached_tokenizer(cfg: DataConfig, cache_dir: str, description: str, vocab_size: int) -> str:
     sample = min(cfg.tokenizer_sample_bytes, cfg.max_bytes or cfg.tokenizer_sample_bytes)
-    key = _cache_key(cfg.name, description, cfg.max_bytes, vocab_size, sample)
+    # The tokenizer format keys it too: one an older pretrain cached lacks pieces this one needs.
+    key = _cache_key(cfg.name, description, cfg.max_bytes, vocab_size, sample,
+                     f"tokenizer-format-{TOKENIZER_FORMAT}")
     path = os.path.join(cache_dir, "tokenizers", f"{_safe(cfg.name)}-v{vocab_size}-{key}.model")
     with file_lock(path + ".lock"):
         if not os.path.isfile(path):

@@ -7,6 +7,13 @@ code, whitespace, tabs, newlines, any Unicode and emoji. Two details make that h
 user-defined symbol, because SentencePiece trains on single lines and would otherwise never learn
 a newline piece. The one text that does not round-trip is the character U+2581 ("▁"), which
 SentencePiece uses internally for a space and decodes back to one.
+
+They also reserve the pieces the pre-training objectives need, as SentencePiece control symbols
+(ids 4 to 108, right after the four fixed ids): `<mask>` (masked LM), the 100 sentinels
+`<extra_id_0>` .. `<extra_id_99>` (T5 span corruption) and `<fim_prefix>`, `<fim_middle>`,
+`<fim_suffix>`, `<fim_pad>` (fill-in-the-middle). Encoding text never produces a control
+symbol (the text "<mask>" encodes as its characters), decoding drops them, and the Hugging Face
+export turns them into special tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import sentencepiece as spm
 
@@ -27,6 +35,24 @@ UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
 NEWLINE = "\n"
+MASK = "<mask>"
+SENTINELS = tuple(f"<extra_id_{i}>" for i in range(100))
+"""T5's sentinels, in order: span k of a corrupted window is replaced by SENTINELS[k]."""
+FIM_PIECES = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>")
+"""Fill-in-the-middle pieces, in the order of `FimIds`."""
+CONTROL_SYMBOLS = (MASK, *SENTINELS, *FIM_PIECES)
+"""Reserved for the objectives, in id order from 4."""
+RESERVED_PIECES = 4 + len(CONTROL_SYMBOLS) + 1 + 256
+"""Pieces every tokenizer trained here holds before any character or merge: the four fixed
+ids, the control symbols, the newline and the 256 byte-fallback pieces."""
+OBJECTIVE_PIECES: dict[str, tuple[str, ...]] = {
+    "clm": (), "mlm": (MASK,), "span": SENTINELS, "fim": FIM_PIECES,
+}
+"""The pieces each objective needs in the tokenizer."""
+TOKENIZER_FORMAT = 2
+"""Bump when `train_tokenizer` makes different tokenizers for the same input (2: the control
+symbols above); it keys the cache of the tokenizer pretrain trains itself, so an install never
+reuses one made by an older version."""
 _MAX_LINE_BYTES = 8192  # SentencePiece skips longer training lines (minified data, blobs)
 
 
@@ -67,7 +93,10 @@ def train_tokenizer(
         )
     except RuntimeError as e:
         raise DataError(f"training tokenizer {out_path} with vocab_size={vocab_size} failed: "
-                        f"{e}; use a vocab_size that suits the corpus (or more text)") from e
+                        f"{e}; use a vocab_size that suits the corpus (or more text): besides "
+                        f"its characters and merges it holds {RESERVED_PIECES} reserved pieces "
+                        "(special ids, the objectives' control symbols, newline, 256 bytes)"
+                        ) from e
     atomic_write(out_path, lambda f: f.write(model.getvalue()))
     return out_path
 
@@ -88,6 +117,7 @@ def _trainer_options(
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
+        control_symbols=list(CONTROL_SYMBOLS),
         user_defined_symbols=[NEWLINE],
         split_digits=True,
         allow_whitespace_only_pieces=True,  # indentation runs become single pieces
@@ -101,6 +131,15 @@ def _trainer_options(
         num_threads=num_threads or min(os.cpu_count() or 1, 16),
         minloglevel=2,  # keep SentencePiece's per-iteration log off the console
     )
+
+
+class FimIds(NamedTuple):
+    """Ids of the fill-in-the-middle pieces."""
+
+    prefix: int
+    middle: int
+    suffix: int
+    pad: int
 
 
 class Tokenizer:
@@ -144,8 +183,63 @@ class Tokenizer:
         return self._sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of `ids` (special pieces decode to nothing)."""
+        """The text of `ids` (special pieces, the objectives' control symbols among them, decode
+        to nothing)."""
         return self._sp.decode([int(i) for i in ids])
+
+    # -- special pieces ------------------------------------------------------------------------
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of `piece`, or None when the vocabulary has no such piece."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def missing_pieces(self, pieces: Iterable[str]) -> list[str]:
+        """Those of `pieces` that the vocabulary lacks."""
+        return [p for p in pieces if self.piece_to_id(p) is None]
+
+    def require_specials(self, objective: str) -> None:
+        """DataError, naming the tokenizer and what to do, unless it has the pieces that
+        objective `objective` ('clm', 'mlm', 'span' or 'fim') needs."""
+        if objective not in OBJECTIVE_PIECES:
+            raise ValueError(f"unknown objective {objective!r}; one of {sorted(OBJECTIVE_PIECES)}")
+        missing = self.missing_pieces(OBJECTIVE_PIECES[objective])
+        if missing:
+            shown = missing if len(missing) <= 6 else [*missing[:3], "...", *missing[-2:]]
+            raise DataError(
+                f"tokenizer {self._path} lacks the special pieces objective {objective!r} needs "
+                f"({len(missing)} missing: {' '.join(shown)}); re-train it with "
+                "`pretrain-train-tokenizer` (it reserves them) and prepare the data with it, or "
+                "set data.tokenizer=null to let pretrain train one")
+
+    def _required_id(self, piece: str, objective: str) -> int:
+        i = self.piece_to_id(piece)
+        if i is None:
+            self.require_specials(objective)
+        assert i is not None
+        return i
+
+    @property
+    def mask_id(self) -> int:
+        """The id of <mask> (masked LM); DataError when the tokenizer has none."""
+        return self._required_id(MASK, "mlm")
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """The ids of <extra_id_0> .. <extra_id_99>, in order (T5 span corruption)."""
+        return [self._required_id(p, "span") for p in SENTINELS]
+
+    @property
+    def fim_ids(self) -> FimIds:
+        """The ids of the fill-in-the-middle pieces."""
+        return FimIds(*(self._required_id(p, "fim") for p in FIM_PIECES))
+
+    @property
+    def control_ids(self) -> list[int]:
+        """Every id that encoding text never produces (pad, unk, BOS, EOS and the control
+        symbols): an objective never masks these nor draws them as random tokens."""
+        sp = self._sp
+        return [i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
 
     @property
     def vocab_size(self) -> int:

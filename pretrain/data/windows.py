@@ -27,7 +27,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
+def mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer: a cheap, well-mixed hash of uint64 values (wrapping arithmetic)."""
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
@@ -52,7 +52,7 @@ def permute(positions: np.ndarray, n: int, *, seed: int | str, epoch: int) -> np
     def encrypt(x: np.ndarray) -> np.ndarray:
         left, right = x >> half, x & mask
         for key in keys:
-            left, right = right, left ^ (_mix(right ^ key) & mask)
+            left, right = right, left ^ (mix64(right ^ key) & mask)
         return (left << half) | right
 
     out = encrypt(positions.astype(np.uint64))
@@ -125,15 +125,19 @@ class WindowSource:
         self.read(w, out)
         return out
 
-    def document_ids(self, windows: np.ndarray) -> np.ndarray:
-        """(n, seq_len) document index of each input token of `windows`, counted from 0 at each
+    def document_ids(self, windows: np.ndarray, length: int | None = None) -> np.ndarray:
+        """(n, length) document index of each of the first `length` tokens of `windows` (default
+        seq_len: the input tokens; up to seq_len + 1, the whole window), counted from 0 at each
         window's first token: the token after a document's end (its EOS) starts the next one."""
+        length = self.seq_len if length is None else length
+        if not 0 < length <= self.seq_len + 1:
+            raise ValueError(f"a window has {self.seq_len + 1} tokens; asked for {length}")
         windows = np.asarray(windows, dtype=np.int64)
-        starts_new = np.zeros((len(windows), self.seq_len), dtype=np.int64)
+        starts_new = np.zeros((len(windows), length), dtype=np.int64)
         for row, w in enumerate(windows):
             start = int(w) * self.seq_len
-            # An end offset e in (start, start + seq_len) makes input token e - start a start.
-            ends = self.doc_ends_between(start, start + self.seq_len - 1)
+            # An end offset e in (start, start + length) makes token e - start a start.
+            ends = self.doc_ends_between(start, start + length - 1)
             starts_new[row, ends - start] = 1
         return np.cumsum(starts_new, axis=1)
 
