@@ -174,10 +174,10 @@ def pick_device(name: str, env: DistEnv) -> torch.device:
     return torch.device(name)
 
 
-def total_steps_of(cfg: TrainConfig) -> int:
+def total_steps_of(cfg: TrainConfig, flops_per_input_token: float) -> int:
     """From flops_budget, else tokens, else steps; the schedule spans exactly these steps."""
     if cfg.flops_budget:
-        tokens = cfg.flops_budget / flops_per_token(cfg.model, cfg.seq_len)
+        tokens = cfg.flops_budget / flops_per_input_token
         return max(1, int(tokens // (cfg.global_batch_size * cfg.seq_len)))
     if cfg.tokens:
         return max(1, cfg.tokens // (cfg.global_batch_size * cfg.seq_len))
@@ -229,7 +229,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     infill_docs = (infill_documents(val_loader, cfg, eos_id=tokenizer.eos_id)
                    if name == "fim" else [])
 
-    total = total_steps_of(cfg)
+    fpt = run_flops_per_token(cfg, objective)
+    total = total_steps_of(cfg, fpt)
     module = build_train_module(model=cfg.model, optim=cfg.optim, parallel=cfg.parallel,
                                 settings=StepSettings.of(cfg, device), dims=dims, mesh=mesh,
                                 device=device, total_steps=total)
@@ -237,7 +238,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     return Run(
         cfg=cfg, run_dir=run_dir, env=env, device=device, dims=dims, mesh=mesh, module=module,
         train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
-        total_steps=total, flops_per_token=run_flops_per_token(cfg, objective),
+        total_steps=total, flops_per_token=fpt,
         peak_flops=peak,
         checkpointer=ckpt.Checkpointer(run_dir / "checkpoints", keep=cfg.ckpt_keep,
                                        async_save=cfg.ckpt_async),
