@@ -19,7 +19,7 @@ from tests.unit.test_prepare import make_docs, write_jsonl
 from tools import bench_data, count_tokens, inspect_data
 from tools import prepare_data as prepare_tool
 
-VOCAB = 400
+VOCAB = 512
 SEQ = 32
 
 

@@ -24,7 +24,7 @@ from pretrain.data.prepare import prepare, train_tokenizer_from_source
 from pretrain.data.windows import permute
 from pretrain.models.loss import IGNORE_INDEX
 
-VOCAB = 400
+VOCAB = 512
 SEQ = 16
 
 

@@ -32,7 +32,7 @@ from pretrain.data.tokenizer import train_tokenizer
 from pretrain.models.loss import IGNORE_INDEX
 from tests.unit.test_prepare import make_docs, write_jsonl
 
-VOCAB = 400
+VOCAB = 512
 SEQ = 16
 REPO = Path(__file__).resolve().parents[2]
 

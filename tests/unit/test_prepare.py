@@ -39,7 +39,7 @@ from pretrain.data.dedup import HashSet
 from pretrain.data.prepare import prepare
 from tools import prepare_data as prepare_tool
 
-VOCAB = 400
+VOCAB = 512
 SYLLABLES = ["al", "be", "ga", "de", "ïv", "中", "文", "🐍", "re", "tu", "rn", "se", "lf", "la",
              "mb", "da", "ko", "zi", "pu", "x", "y", "_", "q", "wo", "ng"]
 

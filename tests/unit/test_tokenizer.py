@@ -115,9 +115,9 @@ def test_tool_trains_and_reports_errors_in_one_line(tmp_path: Path, capsys) -> N
     corpus.write_text(CODE * 50)
     out = tmp_path / "t.model"
     assert train_tokenizer_tool.main(["--source", str(corpus), "--out", str(out),
-                                      "--vocab-size", "400"]) == 0
-    assert Tokenizer.load(str(out)).vocab_size == 400
-    assert "vocabulary 400" in capsys.readouterr().out
+                                      "--vocab-size", "512"]) == 0
+    assert Tokenizer.load(str(out)).vocab_size == 512
+    assert "vocabulary 512" in capsys.readouterr().out
     assert train_tokenizer_tool.main(["--source", str(tmp_path / "missing.txt"),
                                       "--out", str(out)]) == 2
     err = capsys.readouterr().err
