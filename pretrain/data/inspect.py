@@ -61,7 +61,7 @@ def views_at_step(
 
 
 def _continues(loader: ShardedWindowLoader, s: int, w: int) -> bool:
-    start = w * loader.seq_len
+    start = w * loader.sources[s].seq_len  # the source's window stride
     return start > 0 and not len(loader.sources[s].doc_ends_between(start - 1, start))
 
 
