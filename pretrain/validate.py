@@ -76,8 +76,8 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig, seq_len: int) -> None
     _require(o.name in OBJECTIVES, f"objective={o.name!r}; use one of {', '.join(OBJECTIVES)}")
     arch = _OBJECTIVE_ARCH[o.name]
     _require(m.arch == arch,
-             f"objective={o.name} trains a model.arch={arch}, but model={m.name} is an "
-             f"{m.arch}; use {_PRESET_HINT[arch]} with objective={o.name}")
+             f"objective={o.name} trains a model.arch={arch}, but model={m.name} has "
+             f"model.arch={m.arch}; use {_PRESET_HINT[arch]} with objective={o.name}")
     for name in ("mask_rate", "noise_density"):
         _require(0.0 < getattr(o, name) < 1.0, f"objective.{name} must be in (0, 1)")
     for name in ("mask_token_fraction", "random_token_fraction", "fim_rate", "fim_spm_rate"):

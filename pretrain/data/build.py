@@ -58,6 +58,17 @@ def ensure_data(cfg: DataConfig, *, vocab_size: int) -> PreparedData:
     return PreparedData(dirs, tokenizer)
 
 
+def known_tokenizer(cfg: DataConfig) -> str | None:
+    """The tokenizer a run will use when it is already on disk: `data.tokenizer`, or a
+    mixture's shared one from its first prepared directory; None when it is yet to be trained
+    (then it is ours and holds every special piece)."""
+    if cfg.tokenizer is not None or not cfg.mix:
+        return cfg.tokenizer
+    if not any(e.dir is not None for e in parse_mix(cfg.mix)):
+        return None
+    return _mixture_tokenizer(parse_mix(cfg.mix))
+
+
 def _mixture_tokenizer(entries: list[MixEntry]) -> str:
     """Without data.tokenizer: the tokenizer of the first prepared directory (by name); the
     other datasets must have been prepared with it (ensure_prepared checks)."""

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from pretrain.config import TrainConfig
-from pretrain.data.build import PreparedData, build_loader, ensure_data
+from pretrain.data.build import PreparedData, build_loader, ensure_data, known_tokenizer
 from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.objectives import Objective, Span, build_objective, infill_split, window_keys
 from pretrain.data.tokenizer import Tokenizer
@@ -188,8 +188,9 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> PreparedData:
     """Rank 0 trains the tokenizer / prepares shards if needed; the others then find the cache.
     A given tokenizer that lacks the objective's special pieces is refused before any data is
     prepared with it."""
-    if cfg.data.tokenizer is not None and not cfg.data.mix:
-        Tokenizer.load(cfg.data.tokenizer).require_specials(cfg.objective.name)
+    tokenizer = known_tokenizer(cfg.data)
+    if tokenizer is not None:
+        Tokenizer.load(tokenizer).require_specials(cfg.objective.name)
     if env.is_main:
         data = ensure_data(cfg.data, vocab_size=cfg.model.vocab_size)
     if dist.is_initialized():

@@ -229,9 +229,6 @@ def test_a_tokenizer_without_the_special_pieces_is_refused(
     assert not (run_dir.parent / "fresh").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="pretrain/train/trainer.py prepare_data checks a given "
-                   "tokenizer's pieces only without data.mix: a mixture's corpora are prepared "
-                   "with it first, then refused")
 def test_a_mixture_with_such_a_tokenizer_is_refused_before_preparing(
     cache_dir: Path, plain_tokenizer: Path, tmp_path: Path,
 ) -> None:
