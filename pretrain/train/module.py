@@ -414,7 +414,9 @@ class PipelineTrainModule(TrainModule):
 
     def _eval_sum(self, batch: Batch) -> tuple[Tensor, Tensor]:
         inputs, targets = batch
-        with self.autocast():  # no_grad inside, except where a V schedule needs backward
+        # evaluate() runs under no_grad, but a V schedule evaluates by a full step with
+        # backward; pipeline_eval_sum turns no_grad on itself for the other schedules.
+        with self.autocast(), torch.enable_grad():
             loss_sum = pipeline_eval_sum(self.pipe, inputs, targets)
         return loss_sum, (targets != IGNORE_INDEX).sum()
 
