@@ -30,10 +30,16 @@ def _count(x: Tensor) -> Tensor:
 
 
 class Scorer:
-    """The metrics of one objective; `sums(logits, batch)` for each validation batch."""
+    """The metrics of one objective; `sums(logits, batch)` for each validation batch.
+    `loss_targets(batch)` names the metrics that are a loss over some of the targets, for a
+    layout that has no logits to give (pipeline stages): they are computed as the loss of the
+    batch with the other targets ignored."""
 
     def sums(self, logits: Tensor, batch: Batch) -> Sums:
         raise NotImplementedError
+
+    def loss_targets(self, batch: Batch) -> dict[str, Tensor]:
+        return {}
 
 
 class MaskedLMScorer(Scorer):
@@ -68,13 +74,18 @@ class SpanScorer(Scorer):
 
 class MiddleScorer(Scorer):
     def sums(self, logits: Tensor, batch: Batch) -> Sums:
-        middle = batch.middle_mask
-        if middle is None:
+        targets = self.loss_targets(batch).get("val/middle_loss")
+        if targets is None:
             return {}
-        middle = middle & (batch.targets != IGNORE_INDEX)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="none")
-        return {"val/middle_loss": ((losses * middle.flatten()).sum().double(), _count(middle))}
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return {"val/middle_loss": (loss.double(), _count(targets != IGNORE_INDEX))}
+
+    def loss_targets(self, batch: Batch) -> dict[str, Tensor]:
+        """The targets of the middle parts only."""
+        if batch.middle_mask is None:
+            return {}
+        return {"val/middle_loss": batch.targets.masked_fill(~batch.middle_mask, IGNORE_INDEX)}
 
 
 def build_scorer(objective: str, *, sentinels: list[int] | None = None) -> Scorer | None:

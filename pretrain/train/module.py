@@ -28,7 +28,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +294,9 @@ class TrainModule:
                     else:
                         loss_sum, count = self._eval_sum(batch)
                         pairs = {"val/loss": (loss_sum.double(), count.double())}
+                        for name, targets in (scorer.loss_targets(batch) if scorer else {}).items():
+                            part_sum, part_count = self._eval_sum(replace(batch, targets=targets))
+                            pairs[name] = (part_sum.double(), part_count.double())
                     if not names:
                         names = list(pairs)
                         sums = [torch.zeros(2, dtype=torch.float64, device=self.device)

@@ -112,15 +112,7 @@ def test_family_trains_like_one_process(run: tuple[Family, Layout], two_ranks: l
     assert max_weight_diff(merge_weights(per_rank), ref["weights"]) <= 1e-5
 
 
-def _scorer_metrics_xfail(run: tuple[Family, Layout]) -> pytest.ParameterSet:
-    if run[1].pp > 1:
-        return pytest.param(run, id=_id(run), marks=pytest.mark.xfail(
-            strict=True, reason="PipelineTrainModule has no _logits: evaluate() drops the "
-                                "objective's scorer metrics (val/middle_loss) under pp > 1"))
-    return pytest.param(run, id=_id(run))
-
-
-@pytest.mark.parametrize("run", [_scorer_metrics_xfail(r) for r in RUNS])
+@pytest.mark.parametrize("run", RUNS, ids=[_id(r) for r in RUNS])
 def test_family_validation_metrics_match_one_process(run: tuple[Family, Layout],
                                                      two_ranks: list[dict],
                                                      reference: dict[str, dict]) -> None:
