@@ -1,8 +1,11 @@
-"""Benchmark a training step: ours (cumulative optimizations) against transformers' Llama.
+"""Benchmark a training step: ours (cumulative optimizations) against transformers' model of
+the same family (Llama, BERT, T5; the preset's `arch` picks it).
 
     pretrain-bench --model bench15m --seq-len 512 --batch-size 8 --json bench.json
     pretrain-bench --model 1b --seq-len 4096 --batch-size 4 --rows hf,+chunked-ce,+compile \\
         --sdpa flash
+    pretrain-bench --model cpu_encoder --seq-len 512 --batch-size 8   # vs BertForMaskedLM
+    pretrain-bench --model cpu_t5 --seq-len 512 --batch-size 8        # vs T5, 512 + 114 tokens
     pretrain-bench --table a.json b.json      # one table from earlier --json outputs
 
 Rows are listed below; each adds one option to its parent row.
@@ -23,6 +26,7 @@ from launch.common import config_dir
 from pretrain.config import ModelConfig
 from pretrain.perf.bench import (
     DEFAULT_ROWS,
+    FAMILY_ROWS,
     ROWS,
     BenchSettings,
     check_settings,
@@ -51,13 +55,20 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rows = "\n".join(f"  {name:<22} {spec.what}" for name, spec in ROWS.items())
+    rows += ("\n  (hf is the family's transformers model: LlamaForCausalLM, BertForMaskedLM or "
+             "T5ForConditionalGeneration)")
     p = argparse.ArgumentParser(description=__doc__, epilog=f"rows:\n{rows}",
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="bench15m", help="preset in conf/model or a YAML path")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated row names")
+    defaults = "; ".join([f"decoder {','.join(DEFAULT_ROWS)}",
+                          *(f"{arch} {','.join(rows)}" for arch, rows in FAMILY_ROWS.items())])
+    p.add_argument("--rows", help=f"comma-separated row names (default by family: {defaults})")
+    p.add_argument("--decoder-len", type=int,
+                   help="encoder-decoder: decoder tokens per sequence (default: T5 span "
+                        "corruption's target length for --seq-len, 114 for 512)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
     p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -85,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = BenchSettings(
             model=load_model_config(args.model), seq_len=args.seq_len,
             batch_size=args.batch_size, precision=args.precision,
-            rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()),
+            rows=None if args.rows is None else tuple(
+                r.strip() for r in args.rows.split(",") if r.strip()),
+            decoder_len=args.decoder_len,
             warmup=args.warmup, steps=args.steps, device=args.device, sdpa=args.sdpa,
             memory=not args.no_memory, interleave=args.interleave, seed=args.seed)
         check_settings(settings)

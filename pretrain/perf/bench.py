@@ -3,9 +3,18 @@
 Each row trains one configuration for a few steps on synthetic tokens: the same shapes, weights
 (one seed), batches, precision and AdamW settings in every row. Rows are cumulative: `plain` is
 our model with every optimization off, and each following row adds one (its `parent` is the row
-it extends), so the table shows what each buys; `hf` is `transformers.LlamaForCausalLM` with
-the identical config, trained with a plain loop. Every row of ours steps the trainer's own
-train module (`pretrain.train.module`): the figures are those of the code users train with.
+it extends), so the table shows what each buys; `hf` is transformers' model of the same family
+and shapes, trained with a plain loop. Every row of ours steps the trainer's own train module
+(`pretrain.train.module`): the figures are those of the code users train with.
+
+The model's family (`arch`) sets the batch and the transformers baseline:
+- decoder: next-token windows; `LlamaForCausalLM` holding our weights, our loss on its logits.
+- encoder: masked-LM batches (random tokens, `MLM_RATE` of each row's positions predicted, the
+  rest IGNORE_INDEX); `BertForMaskedLM` with its own random init and its own loss (labels).
+  'chunked' rows apply the head to the predicted positions only.
+- encoder_decoder: encoder inputs (B, seq_len), decoder inputs and targets (B, decoder_len),
+  by default the lengths T5 span corruption gives (`span_target_length`: 114 for 512);
+  `T5ForConditionalGeneration` with its own init and loss. Tokens count both inputs.
 
 How a row is measured
 - Time: `warmup` steps (compilation included) are excluded, then `steps` timed steps; the
@@ -13,7 +22,8 @@ How a row is measured
   zero_grad (optimizer). On CUDA the parts come from events read after the step, so measuring
   adds no host sync inside it. On CPU the rows are interleaved (one step of each row per round)
   so that load from other processes hits every row alike.
-- MFU: tokens/s x `flops_per_token` (6 N_matmul + 12 L d T, see `pretrain.models.llama`) over the
+- MFU: tokens/s x `flops_per_token` (6 N_matmul + 12 L d T, see `pretrain.models.build`, per
+  counted token: an encoder-decoder's FLOPs over its encoder + decoder tokens) over the
   device's bf16 peak: the data-sheet figure on GPU, the measured bf16 matmul rate on CPU (the
   best of samples taken before the rows, after every round of steps and at the end).
 - Peak memory of a step: on CUDA `max_memory_allocated`. On CPU the allocations the step makes
@@ -43,14 +53,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from pretrain.config import ModelConfig, OptimConfig, ParallelConfig
 from pretrain.data.loader import Batch
-from pretrain.models.llama import (
-    SDPA_KERNELS,
-    attention_backends,
-    build_model,
-    count_params,
-    flops_per_token,
-)
-from pretrain.models.loss import cross_entropy
+from pretrain.models import build
+from pretrain.models.llama import SDPA_KERNELS, attention_backends, ffn_hidden_dim
+from pretrain.models.loss import IGNORE_INDEX, cross_entropy
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import init_model_weights
 from pretrain.train.host import tune_cpu_allocator
@@ -69,8 +74,10 @@ __all__ = [
     "BenchSettings",
     "RowResult",
     "RowSpec",
+    "default_rows",
     "format_table",
     "run_bench",
+    "span_target_length",
 ]
 
 _MIB = 2**20
@@ -81,8 +88,8 @@ class RowSpec:
     """What one benchmark row trains."""
 
     impl: str
-    """'ours' (pretrain's Transformer), 'hf' (transformers.LlamaForCausalLM), or 'kernels'
-    (`_KernelFloor`: the matmuls and attention kernels of the step and nothing else)."""
+    """'ours' (pretrain's model of the family), 'hf' (transformers' model of the family), or
+    'kernels' (`_KernelFloor`, decoder only: the step's matmuls and attention kernels alone)."""
     optimizer: str
     """AdamW implementation: 'for-loop', 'foreach' or 'fused'."""
     loss: str = "plain"
@@ -114,6 +121,41 @@ ROWS: dict[str, RowSpec] = {
 }
 DEFAULT_ROWS = ("kernels", "hf", "plain", "+fused-adamw", "+chunked-ce", "+compile",
                 "+compile+ac-selective", "+compile+ac-full")
+"""The decoder's default rows."""
+FAMILY_ROWS = {"encoder": ("hf", "plain", "+fused-adamw", "+chunked-ce", "+compile"),
+               "encoder_decoder": ("hf", "plain", "+fused-adamw", "+chunked-ce", "+compile")}
+"""The other families' default rows (no kernel floor: it models a decoder's step)."""
+
+# What a row does where the family changes it (else `RowSpec.what`).
+_FAMILY_WHAT = {
+    ("hf", "encoder"): "transformers BertForMaskedLM, its loss (labels), fused AdamW",
+    ("+chunked-ce", "encoder"): "+ MLM head on the predicted positions only: best eager",
+    ("hf", "encoder_decoder"): "transformers T5ForConditionalGeneration, its loss, fused AdamW",
+}
+
+MLM_RATE = 0.15
+"""Encoder batches: the fraction of each row's positions that have a target (BERT's)."""
+
+
+def default_rows(arch: str) -> tuple[str, ...]:
+    """The rows a run of a model of family `arch` measures unless told."""
+    return FAMILY_ROWS.get(arch, DEFAULT_ROWS)
+
+
+def span_target_length(inputs_length: int, noise_density: float = 0.15,
+                       mean_span_length: float = 3.0) -> int:
+    """Decoder length of T5 span corruption for encoder inputs of `inputs_length` (T5's
+    random_spans_helper, one EOS each): 114 for 512 (568 raw tokens)."""
+
+    def lengths(raw: int) -> tuple[int, int]:
+        noise = round(raw * noise_density)
+        spans = round(noise / mean_span_length)
+        return raw - noise + spans + 1, noise + spans + 1
+
+    raw = inputs_length - 1
+    while lengths(raw + 1)[0] <= inputs_length:
+        raw += 1
+    return lengths(raw)[1]
 
 
 
@@ -123,10 +165,14 @@ class BenchSettings:
 
     model: ModelConfig
     seq_len: int = 512
+    """Tokens per sequence (an encoder-decoder's encoder inputs)."""
     batch_size: int = 8
     precision: str = "bf16"
     """'bf16' (autocast, fp32 master weights) or 'fp32'."""
-    rows: tuple[str, ...] = DEFAULT_ROWS
+    rows: tuple[str, ...] | None = None
+    """None: the family's defaults (`default_rows`)."""
+    decoder_len: int | None = None
+    """encoder_decoder: decoder tokens per sequence; None: `span_target_length(seq_len)`."""
     warmup: int = 2
     """Untimed steps first (they include compilation)."""
     steps: int = 5
@@ -174,9 +220,15 @@ class RowResult:
 def check_settings(s: BenchSettings) -> None:
     """Fail before any work with a message naming the bad setting."""
     validate_model(s.model)
-    unknown = [r for r in s.rows if r not in ROWS]
+    rows = rows_of(s)
+    unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if s.model.arch != "decoder" and "kernels" in rows:
+        raise ValueError(f"the kernels row models a decoder's step; model={s.model.name} is an "
+                         f"{s.model.arch} (rows for it: {', '.join(default_rows(s.model.arch))})")
+    if s.decoder_len is not None and (s.model.arch != "encoder_decoder" or s.decoder_len < 1):
+        raise ValueError("decoder_len is for an encoder_decoder model and must be >= 1")
     if s.precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={s.precision!r}; the benchmark runs bf16 or fp32")
     if s.sdpa != "auto" and s.sdpa not in SDPA_KERNELS:
@@ -193,9 +245,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rows_of(s: BenchSettings) -> tuple[str, ...]:
+    return default_rows(s.model.arch) if s.rows is None else s.rows
+
+
 def model_for(s: BenchSettings) -> ModelConfig:
-    """The preset, with the rotary table stretched when seq_len exceeds its max_seq_len."""
+    """The preset, with the rotary (or learned position) table stretched when seq_len exceeds
+    its max_seq_len."""
     return replace(s.model, max_seq_len=max(s.model.max_seq_len, s.seq_len))
+
+
+def decoder_len(s: BenchSettings) -> int | None:
+    """Decoder tokens per sequence of an encoder-decoder, None for the other families."""
+    if s.model.arch != "encoder_decoder":
+        return None
+    return s.decoder_len or span_target_length(s.seq_len)
+
+
+def step_tokens(s: BenchSettings) -> int:
+    """Tokens of one step: the inputs, plus an encoder-decoder's decoder inputs."""
+    return s.batch_size * (s.seq_len + (decoder_len(s) or 0))
+
+
+def flops_per_token(s: BenchSettings) -> float:
+    """Training FLOPs per counted token (`step_tokens`)."""
+    cfg, dec = model_for(s), decoder_len(s)
+    if dec is None:
+        return build.flops_per_token(cfg, s.seq_len)
+    per_input = build.flops_per_token(cfg, s.seq_len, decoder_len=dec)
+    return per_input * s.seq_len / (s.seq_len + dec)
 
 
 def peak_flops(device: torch.device) -> tuple[float, str]:
@@ -226,12 +304,22 @@ def build_module(spec: RowSpec, s: BenchSettings, device: torch.device) -> Train
 
 
 def build_hf(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
-    """LlamaForCausalLM of the same config, holding the very weights our rows start from."""
+    """transformers' model of the family: a decoder's LlamaForCausalLM holds the very weights
+    our rows start from; BertForMaskedLM and T5ForConditionalGeneration are built from a
+    config of the same shapes with their own random init (speed does not depend on values)."""
+    if cfg.arch in ("encoder", "encoder_decoder"):
+        from transformers import BertForMaskedLM, T5ForConditionalGeneration
+
+        cls, config = ((BertForMaskedLM, hf_bert_config(cfg)) if cfg.arch == "encoder"
+                       else (T5ForConditionalGeneration, hf_t5_config(cfg)))
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            return cls(config)
     from transformers import LlamaForCausalLM
 
     from pretrain.interop.hf import to_hf_config, to_hf_state_dict
 
-    reference = build_model(cfg, device="meta")
+    reference = build.build_model(cfg, device="meta")
     init_model_weights(reference, cfg, seed, torch.device("cpu"))  # as the train module does
     with torch.device(device):
         model = LlamaForCausalLM(to_hf_config(cfg))
@@ -239,12 +327,71 @@ def build_hf(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
     return model
 
 
+def hf_bert_config(cfg: ModelConfig) -> Any:
+    """BertConfig of an encoder's shapes, without dropout (ours has none)."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
+                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                      intermediate_size=ffn_hidden_dim(cfg), hidden_act="gelu",
+                      max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
+                      layer_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def hf_t5_config(cfg: ModelConfig) -> Any:
+    """T5Config of an encoder-decoder's shapes, without dropout. (transformers 5 always ties
+    lm_head to the shared embedding; an untied config only turns off the output scale.)"""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.head_dim
+                    or cfg.dim // cfg.n_heads, d_ff=ffn_hidden_dim(cfg), num_layers=cfg.n_layers,
+                    num_decoder_layers=cfg.n_decoder_layers or cfg.n_layers,
+                    num_heads=cfg.n_heads, relative_attention_num_buckets=cfg.relative_buckets,
+                    relative_attention_max_distance=cfg.relative_max_distance,
+                    dropout_rate=0.0, layer_norm_epsilon=cfg.norm_eps,
+                    feed_forward_proj="gated-gelu" if cfg.mlp == "gated_gelu" else "relu",
+                    tie_word_embeddings=cfg.tie_embeddings, decoder_start_token_id=0,
+                    pad_token_id=0)
+
+
+# The block options of transformers' encoder (BERT) and encoder-decoder (T5, v1.1 or v1.0).
+_HF_RECIPES = {
+    "encoder": {"norm": ("layer",), "norm_position": ("post",), "bias": (True,),
+                "mlp": ("gelu",), "position": ("learned",)},
+    "encoder_decoder": {"norm": ("rms",), "norm_position": ("pre",), "bias": (False,),
+                        "mlp": ("gated_gelu", "relu"), "scale_attention": (False,)},
+}
+
+
+def hf_mismatch(cfg: ModelConfig) -> str | None:
+    """Why transformers' model of the family cannot have `cfg`'s block options, or None."""
+    recipe = _HF_RECIPES.get(cfg.arch)
+    if recipe is None:
+        return None  # a decoder: `to_hf_config` says what it cannot convert
+    wrong = {k: getattr(cfg, k) for k, allowed in recipe.items() if getattr(cfg, k) not in allowed}
+    if (cfg.n_kv_heads or cfg.n_heads) != cfg.n_heads:
+        wrong["n_kv_heads"] = cfg.n_kv_heads
+    if not wrong:
+        return None
+    return (f"model={cfg.name} has {wrong}, which transformers' {cfg.arch} does not "
+            f"(it has {recipe}; no GQA)")
+
+
+# Parameter names of HF's token embeddings (Llama, BERT, T5): not decayed, as ours are not.
+_HF_EMBEDDINGS = ("embed_tokens", "word_embeddings", "shared")
+
+
 def build_hf_adamw(model: nn.Module, spec: RowSpec, optim: OptimConfig) -> torch.optim.Optimizer:
     """Our AdamW settings and groups (matrices decayed, embeddings and norms not), keyed by
     HF's parameter names."""
     named = list(model.named_parameters())
-    decay = [p for n, p in named if p.ndim >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in named if p.ndim < 2 or "embed_tokens" in n]
+
+    def embedding(name: str) -> bool:
+        return any(e in name for e in _HF_EMBEDDINGS)
+
+    decay = [p for n, p in named if p.ndim >= 2 and not embedding(n)]
+    no_decay = [p for n, p in named if p.ndim < 2 or embedding(n)]
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
@@ -255,18 +402,42 @@ def build_hf_adamw(model: nn.Module, spec: RowSpec, optim: OptimConfig) -> torch
 # ------------------------------------------------------------------------------ measuring
 
 
+def synthetic_batch(cfg: ModelConfig, s: BenchSettings, g: torch.Generator) -> Batch:
+    """One random batch of the family's shape (on the CPU).
+
+    decoder: a window of seq_len + 1 tokens cut like the loader's (inputs, shifted targets).
+    encoder: random tokens with round(MLM_RATE * seq_len) positions per row predicted (their
+    input replaced by the last id, standing for <mask>), the rest IGNORE_INDEX.
+    encoder_decoder: random encoder inputs; random targets of `decoder_len` tokens and the
+    decoder inputs T5 feeds (the targets shifted right, id 0 first)."""
+    B, S, V = s.batch_size, s.seq_len, cfg.vocab_size
+    if cfg.arch == "encoder":
+        tokens = torch.randint(0, V, (B, S), generator=g)
+        n = max(1, round(MLM_RATE * S))
+        picked = torch.rand(B, S, generator=g).argsort(dim=1)[:, :n]
+        chosen = torch.zeros(B, S, dtype=torch.bool).scatter_(1, picked, True)
+        return Batch(tokens.masked_fill(chosen, V - 1),
+                     tokens.masked_fill(~chosen, IGNORE_INDEX))
+    if cfg.arch == "encoder_decoder":
+        targets = torch.randint(0, V, (B, decoder_len(s)), generator=g)
+        decoder_inputs = torch.cat([torch.zeros(B, 1, dtype=targets.dtype), targets[:, :-1]], 1)
+        return Batch(torch.randint(0, V, (B, S), generator=g), targets,
+                     decoder_inputs=decoder_inputs)
+    window = torch.randint(0, V, (B, S + 1), generator=g)
+    return Batch(window[:, :-1], window[:, 1:])
+
+
 def synthetic_batches(cfg: ModelConfig, s: BenchSettings, device: torch.device,
-                      pool: int = 4) -> Iterator[tuple[Tensor, Tensor]]:
-    """Random windows of seq_len + 1 tokens, cut like the loader's (inputs, shifted targets),
-    from a small fixed pool (pinned on a GPU host) so every row sees the same batches."""
+                      pool: int = 4) -> Iterator[Batch]:
+    """Batches from a small fixed pool (`synthetic_batch`; pinned on a GPU host) so every row
+    sees the same batches."""
     g = torch.Generator().manual_seed(s.seed)
-    windows = torch.randint(0, cfg.vocab_size, (pool, s.batch_size, s.seq_len + 1), generator=g)
+    batches = [synthetic_batch(cfg, s, g) for _ in range(pool)]
     if device.type == "cuda":
-        windows = windows.pin_memory()
+        batches = [b.pin_memory() for b in batches]
     i = 0
     while True:
-        w = windows[i % pool].to(device, non_blocking=True)
-        yield w[:, :-1], w[:, 1:]
+        yield batches[i % pool].to(device, non_blocking=True)
         i += 1
 
 
@@ -329,7 +500,8 @@ class _Row:
 
     def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
         self.name, self.spec, self.device = name, ROWS[name], device
-        self.tokens = s.batch_size * s.seq_len
+        self.arch = s.model.arch
+        self.tokens = step_tokens(s)
         # The kernel choice applies to our attention; HF's may pass masks flash cannot take.
         self.sdpa = s.sdpa if self.spec.impl != "hf" else "auto"
         self.clock = _Clock(device)
@@ -367,8 +539,9 @@ class _Row:
         total, data, fwd_bwd, optim = (statistics.median(col) for col in zip(*self.times))
         static, peak = self.peak_memory() if memory else (None, None)
         self.clock.intervals()
+        what = _FAMILY_WHAT.get((self.name, self.arch), self.spec.what)
         return RowResult(
-            row=self.name, what=self.spec.what, spec=asdict(self.spec), step_s=total,
+            row=self.name, what=what, spec=asdict(self.spec), step_s=total,
             best_step_s=min(t[0] for t in self.times),
             data_s=data, fwd_bwd_s=fwd_bwd, optim_s=optim, tokens_per_s=self.tokens / total,
             mfu=0.0, warmup_s=self.warmup_s,
@@ -391,7 +564,7 @@ class _Trainee(_Row):
     def step(self) -> Tensor:
         """One training step; the loss stays on the device (no sync to read it)."""
         self.clock.mark()
-        batch = Batch(*next(self.batches))
+        batch = next(self.batches)
         self.clock.mark()
         loss = self.module.dp_mean(self.module.forward_backward([batch]))
         self.clock.mark()
@@ -404,7 +577,8 @@ class _Trainee(_Row):
 
 
 class _HFTrainee(_Row):
-    """transformers' LlamaForCausalLM of the same config and weights, with a plain loop."""
+    """transformers' model of the family and shapes (`build_hf`), with a plain loop: a
+    decoder's logits through our loss, BERT and T5 with their own loss from `labels`."""
 
     def __init__(self, name: str, s: BenchSettings, device: torch.device) -> None:
         super().__init__(name, s, device)
@@ -417,14 +591,22 @@ class _HFTrainee(_Row):
         self.batches = synthetic_batches(cfg, s, device)
         self.autocast = autocast_factory(s.precision, device)
 
+    def loss(self, batch: Batch) -> Tensor:
+        if self.arch == "encoder":
+            return self.model(input_ids=batch.inputs, labels=batch.targets).loss
+        if self.arch == "encoder_decoder":
+            return self.model(input_ids=batch.inputs, decoder_input_ids=batch.decoder_inputs,
+                              labels=batch.targets, use_cache=False).loss
+        logits = self.model(input_ids=batch.inputs, use_cache=False).logits
+        return cross_entropy(logits, batch.targets)
+
     def step(self) -> Tensor:
         self.clock.mark()
-        inputs, targets = next(self.batches)
+        batch = next(self.batches)
         self.clock.mark()
         with self.attention():
             with self.autocast():
-                logits = self.model(input_ids=inputs, use_cache=False).logits
-                loss = cross_entropy(logits, targets)
+                loss = self.loss(batch)
             loss.backward()
         self.clock.mark()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
@@ -463,7 +645,7 @@ class _KernelFloor(_Row):
         super().__init__(name, s, device)
         cfg = model_for(s)
         dtype = torch.float32 if s.precision == "fp32" else torch.bfloat16
-        model = build_model(cfg, device="meta")
+        model = build.build_model(cfg, device="meta")
         block = model.layers["0"]
         shapes = [tuple(m.weight.shape) for m in block.modules() if isinstance(m, nn.Linear)]
         g = torch.Generator(device=device).manual_seed(s.seed)
@@ -567,9 +749,11 @@ def run_bench(s: BenchSettings,
         tune_cpu_allocator()
     cfg = model_for(s)
     interleave = device.type == "cpu" if s.interleave is None else s.interleave
-    reason = _hf_missing() if "hf" in s.rows else None
+    rows = rows_of(s)
+    reason = (_hf_missing() or hf_mismatch(cfg)) if "hf" in rows else None
     skipped = {"hf": reason} if reason else {}
-    names = [r for r in s.rows if r not in skipped]
+    names = [r for r in rows if r not in skipped]
+    fpt = flops_per_token(s)
     load_before = os.getloadavg()
     first_peak, source = peak_flops(device)
     peaks = [first_peak]
@@ -582,10 +766,12 @@ def run_bench(s: BenchSettings,
 
     def report(rows: list[RowResult]) -> dict[str, Any]:
         for r in rows:
-            r.mfu = r.tokens_per_s * flops_per_token(cfg, s.seq_len) / max(peaks)
+            r.mfu = r.tokens_per_s * fpt / max(peaks)
         return {
-            "model": cfg.name, "params": count_params(cfg),
-            "flops_per_token": flops_per_token(cfg, s.seq_len), "seq_len": s.seq_len,
+            "model": cfg.name, "arch": cfg.arch, "params": build.count_params(cfg),
+            "flops_per_token": fpt, "seq_len": s.seq_len, "decoder_len": decoder_len(s),
+            "predicted": (max(1, round(MLM_RATE * s.seq_len)) if cfg.arch == "encoder"
+                          else None),
             "batch_size": s.batch_size, "precision": s.precision, "sdpa": s.sdpa,
             "device": _device_name(device), "peak_flops": max(peaks), "peak_source": source,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -648,13 +834,27 @@ _HEADER = ["row", "tok/s", "MFU", "step s", "best s", "data ms", "fwd+bwd s", "o
            "vs hf", "speed vs parent", "mem vs parent", "loss"]
 
 
+def _tokens_note(report: dict[str, Any]) -> str:
+    """What a token is in the tok/s column, for the families where that needs saying."""
+    arch = report.get("arch", "decoder")
+    if arch == "encoder":
+        return (f"\n  encoder (masked LM): tok/s counts input tokens; {report['predicted']} of "
+                f"{report['seq_len']} positions per sequence have a target")
+    if arch == "encoder_decoder":
+        S, T = report["seq_len"], report["decoder_len"]
+        return (f"\n  encoder-decoder: tok/s counts encoder + decoder tokens ({S} + {T} per "
+                "sequence, T5 span corruption's lengths); FLOPs/token over both")
+    return ""
+
+
 def _describe(report: dict[str, Any]) -> str:
     load = "/".join(f"{x:.2f}" for x in report["load_before"])
     load_after = "/".join(f"{x:.2f}" for x in report["load_after"])
     return (
         f"{report['model']} ({report['params'] / 1e6:.1f}M params) seq {report['seq_len']} "
         f"x batch {report['batch_size']}, {report['precision']}, sdpa {report['sdpa']}, on "
-        f"{report['device']}, torch {report['torch']}\n"
+        f"{report['device']}, torch {report['torch']}"
+        f"{_tokens_note(report)}\n"
         f"  FLOPs/token {report['flops_per_token'] / 1e6:.1f}M (6*N_matmul + 12*L*d*T); "
         f"peak {report['peak_flops'] / 1e12:.3f} TFLOP/s ({report['peak_source']}); "
         f"median of {report['steps']} steps after {report['warmup']} warm-up"
@@ -676,7 +876,9 @@ def _render(header: list[str], lines: list[list[str]], n_text: int) -> str:
 
 
 def _setting(report: dict[str, Any]) -> str:
-    return f"{report['model']} T={report['seq_len']} B={report['batch_size']}"
+    dec = report.get("decoder_len")
+    seq = f"{report['seq_len']}+{dec}" if dec else f"{report['seq_len']}"
+    return f"{report['model']} T={seq} B={report['batch_size']}"
 
 
 def format_table(reports: list[dict[str, Any]]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,66 @@ def test_kernel_floor_runs_exactly_the_steps_gemms_and_attention(
     assert main([*TINY, "--rows", "kernels,hf,+compile"]) == 0
     printed = capsys.readouterr().out
     assert "kernels only / transformers tokens/s = " in printed
+
+
+def _family_cfg(arch: str) -> ModelConfig:
+    """A tiny model of the family, in the recipe of its transformers baseline."""
+    if arch == "encoder":
+        return ModelConfig(name="tiny_bert", arch="encoder", dim=64, n_layers=2, n_heads=4,
+                           vocab_size=512, ffn_hidden_dim=128, norm="layer", norm_position="post",
+                           norm_eps=1e-12, bias=True, mlp="gelu", position="learned",
+                           max_seq_len=64, tie_embeddings=True)
+    return ModelConfig(name="tiny_t5", arch="encoder_decoder", dim=64, n_layers=2,
+                       n_decoder_layers=2, n_heads=4, head_dim=16, vocab_size=512,
+                       ffn_hidden_dim=128, norm_eps=1e-6, mlp="gated_gelu", position="relative",
+                       scale_attention=False, max_seq_len=64)
+
+
+@pytest.mark.parametrize("arch", ["encoder", "encoder_decoder"])
+def test_family_rows_run_against_their_transformers_model(
+        arch: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pretrain.perf.bench import format_table
+
+    rows = ("hf", "plain", "+chunked-ce")
+    report = run_bench(BenchSettings(model=_family_cfg(arch), seq_len=32, batch_size=2,
+                                     warmup=1, steps=1, device="cpu", rows=rows))
+    assert report["arch"] == arch and not report["skipped"]
+    assert [r["row"] for r in report["rows"]] == list(rows)
+    # Tokens: the encoder's inputs; an encoder-decoder's inputs plus T5's target length.
+    tokens = 2 * (32 + (report["decoder_len"] or 0))
+    assert report["decoder_len"] == (None if arch == "encoder" else 8)
+    for r in report["rows"]:
+        assert math.isfinite(r["final_loss"]) and 0 < r["mfu"] < 2
+        assert r["tokens_per_s"] == pytest.approx(tokens / r["step_s"])
+        assert r["peak_mem_mib"] > r["static_mem_mib"] > 0
+    hf_class = "BertForMaskedLM" if arch == "encoder" else "T5ForConditionalGeneration"
+    assert hf_class in report["rows"][0]["what"]
+    table = format_table([report])
+    assert "ours (+chunked-ce) / transformers tokens/s" in table
+    assert ("5 of 32 positions" if arch == "encoder" else "(32 + 8 per sequence") in table
+
+
+def test_family_settings() -> None:
+    from pretrain.perf.bench import check_settings, default_rows, span_target_length
+
+    assert span_target_length(512) == 114  # T5: 568 raw tokens -> 512 inputs, 114 targets
+    assert "kernels" not in default_rows("encoder") and "kernels" in default_rows("decoder")
+    with pytest.raises(ValueError, match="kernels row models a decoder"):
+        check_settings(BenchSettings(model=_family_cfg("encoder"), rows=("kernels", "hf")))
+    with pytest.raises(ValueError, match="decoder_len"):
+        check_settings(BenchSettings(model=_family_cfg("encoder"), decoder_len=16))
+    # A block recipe transformers' class lacks skips the hf row, with the reason.
+    report = run_bench(BenchSettings(model=replace(_family_cfg("encoder"), mlp="swiglu"),
+                                     seq_len=16, batch_size=1, warmup=0, steps=1, device="cpu",
+                                     rows=("hf", "+chunked-ce"), memory=False))
+    assert [r["row"] for r in report["rows"]] == ["+chunked-ce"]
+    assert "'mlp': 'swiglu'" in report["skipped"]["hf"]
+
+
+def test_cli_runs_a_preset_of_another_family(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", "cpu_t5", "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
+                 "--warmup", "0", "--steps", "1", "--rows", "hf,+chunked-ce", "--no-memory",
+                 "--decoder-len", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "cpu_t5" in printed and "(32 + 12 per sequence" in printed
+    assert "ours (+chunked-ce) / transformers tokens/s" in printed
