@@ -42,12 +42,13 @@ class ModelConfig:
     """'rms' (RMSNorm, no bias: LLaMA, T5) or 'layer' (LayerNorm with bias: BERT)."""
     norm_position: str = "pre"
     """'pre' (normalize each sub-layer's input) or 'post' (normalize after the residual add,
-    BERT; the embeddings are normalized too and there is no final norm)."""
+    BERT; no final norm). An encoder normalizes its embeddings either way; pre-norm, its first
+    block then skips its attention norm (ModernBERT)."""
     bias: bool = False
-    """Biases in the attention and MLP projections (BERT)."""
+    """Biases in the attention and MLP projections and in LayerNorm (BERT)."""
     mlp: str = "swiglu"
-    """'swiglu' (w2(silu(w1 x) * w3 x)), 'gated_gelu' (T5 v1.1: tanh GELU gate), 'gelu'
-    (BERT: w2(gelu(w1 x))) or 'relu' (T5 v1.0: w2(relu(w1 x)))."""
+    """'swiglu' (w2(silu(w1 x) * w3 x)), 'geglu' (ModernBERT: exact GELU gate), 'gated_gelu'
+    (T5 v1.1: tanh GELU gate), 'gelu' (BERT: w2(gelu(w1 x))) or 'relu' (T5 v1.0)."""
     position: str = "rope"
     """'rope' (rotary), 'learned' (absolute position and token-type embeddings, BERT) or
     'relative' (T5's bucketed relative attention bias, shared by the blocks of a stack)."""

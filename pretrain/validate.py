@@ -29,7 +29,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 _CHOICES = {"arch": ARCHS, "norm": ("rms", "layer"), "norm_position": ("pre", "post"),
-            "mlp": ("swiglu", "gated_gelu", "gelu", "relu"),
+            "mlp": ("swiglu", "geglu", "gated_gelu", "gelu", "relu"),
             "position": ("rope", "learned", "relative")}
 
 

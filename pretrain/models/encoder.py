@@ -1,9 +1,15 @@
-"""A bidirectional encoder with a masked-LM head (BERT), built from the decoder's blocks.
+"""A bidirectional encoder with a masked-LM head (BERT, ModernBERT), built from the decoder's
+blocks.
 
-The blocks are `pretrain.models.llama.TransformerBlock` with `causal=False`; the BERT recipe is
-a choice of their options (`norm=layer`, `norm_position=post`, `bias=true`, `mlp=gelu`,
-`position=learned`), so initialization by name, activation checkpointing, compile and FSDP
-apply as they do to the decoder. Module names (an API, like the decoder's):
+The blocks are `pretrain.models.llama.TransformerBlock` with `causal=False`; each recipe is a
+choice of their options, so initialization by name, activation checkpointing, compile and FSDP
+apply as they do to the decoder:
+
+    BERT       norm=layer norm_position=post bias=true  mlp=gelu  position=learned
+    ModernBERT norm=layer norm_position=pre  bias=false mlp=geglu position=rope
+               (every layer global attention)
+
+Module names (an API, like the decoder's):
 
     tok_embeddings, pos_embeddings, type_embeddings, embed_norm,
     layers.{i}.attention.{wq,wk,wv,wo}, layers.{i}.feed_forward.{w1,w2}, layers.{i}.*_norm,
@@ -43,18 +49,20 @@ class Encoder(nn.Module):
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if learned else None
         self.type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.dim) if learned else None
         post = cfg.norm_position == "post"
-        # Post-norm blocks end normalized; their input is normalized here (BERT). Pre-norm
-        # blocks need a final norm instead.
-        self.embed_norm = make_norm(cfg) if post else None
+        # The embeddings are normalized (BERT, ModernBERT). Post-norm blocks end normalized;
+        # pre-norm ones need a final norm, and the first of them would normalize the
+        # normalized embeddings again, so it does not (ModernBERT).
+        self.embed_norm = make_norm(cfg)
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, i, causal=False) for i in range(cfg.n_layers)})
+        if not post and cfg.n_layers:
+            self.layers["0"].attention_norm = nn.Identity()
         self.norm = None if post else make_norm(cfg)
-        self.head_dense = nn.Linear(cfg.dim, cfg.dim, bias=True)
+        self.head_dense = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.head_norm = make_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=True)
         self.output.weight = self.tok_embeddings.weight
-        self.act = F.gelu if cfg.mlp in ("gelu", "relu") else (
-            lambda x: F.gelu(x, approximate="tanh"))
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if cfg.mlp == "gated_gelu" else F.gelu
         self.register_buffer("rope_cache", rope_table(cfg), persistent=False)
 
     def encode(self, tokens: Tensor, *, attn_mask: Tensor | None = None,
@@ -110,7 +118,7 @@ class Encoder(nn.Module):
             module = getattr(self, name)
             if module is not None:
                 _normal_(module.weight, cfg.init_std, _child_seed(seed, name))
-        if self.head_dense is not None:
+        if self.head_dense is not None and self.head_dense.bias is not None:
             with torch.no_grad():
                 self.head_dense.bias.zero_()
         for name in ("embed_norm", "norm", "head_norm"):

@@ -68,9 +68,13 @@ def _head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.dim // cfg.n_heads
 
 
+GATED_MLPS = ("swiglu", "geglu", "gated_gelu")
+"""MLP kinds with a gate matrix w3."""
+
+
 def _gated(cfg: ModelConfig) -> bool:
     """Whether the MLP has a third (gate) matrix w3."""
-    return cfg.mlp in ("swiglu", "gated_gelu")
+    return cfg.mlp in GATED_MLPS
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -307,9 +311,10 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    """The block's normalization: RMSNorm (LLaMA, T5) or LayerNorm with a bias (BERT)."""
+    """The block's normalization: RMSNorm (LLaMA, T5) or LayerNorm, with a bias when the
+    projections have one (BERT) and without (ModernBERT)."""
     if cfg.norm == "layer":
-        return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
     return RMSNorm(cfg.dim, cfg.norm_eps)
 
 
@@ -453,6 +458,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, causal: 
 
 _ACTIVATIONS = {
     "swiglu": F.silu,
+    "geglu": F.gelu,  # ModernBERT's exact (erf) GELU gate
     "gated_gelu": lambda x: F.gelu(x, approximate="tanh"),  # T5 v1.1's gelu_new
     "gelu": F.gelu,  # BERT's exact (erf) GELU
     "relu": F.relu,
@@ -483,7 +489,7 @@ class FeedForward(nn.Module):
         self.act = _ACTIVATIONS[kind]
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=bias) if kind in ("swiglu", "gated_gelu") else None
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias) if kind in GATED_MLPS else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.w1(x))
@@ -556,7 +562,8 @@ class TransformerBlock(nn.Module):
                                               seed=_child_seed(seed, "cross_attention"))
             self.cross_attention_norm.reset_parameters()
         self.feed_forward.init_weights(std, out_std, seed=_child_seed(seed, "feed_forward"))
-        self.attention_norm.reset_parameters()
+        if not isinstance(self.attention_norm, nn.Identity):  # an encoder's first block
+            self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
 
 
