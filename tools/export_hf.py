@@ -1,8 +1,9 @@
 """Turn a run's checkpoint into a Hugging Face directory that transformers' `from_pretrained`
-and `AutoTokenizer.from_pretrained` load, as the class of the run's model family (the `arch`
-saved with the run): LlamaForCausalLM (decoder), BertForMaskedLM (encoder) or
-T5ForConditionalGeneration (encoder_decoder). Reads checkpoints of either backend (native DCP
-files, DeepSpeed ZeRO 1-3) on one process.
+and `AutoTokenizer.from_pretrained` load, as the class of the run's model (its `arch`, and an
+encoder's `norm_position`, saved with the run): LlamaForCausalLM (decoder), BertForMaskedLM
+(post-norm encoder), ModernBertForMaskedLM (pre-norm encoder) or T5ForConditionalGeneration
+(encoder_decoder). Reads checkpoints of either backend (native DCP files, DeepSpeed ZeRO 1-3)
+on one process.
 
     pretrain-export-hf runs/NAME out/hf-model [--dtype bf16]
 """

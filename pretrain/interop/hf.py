@@ -1,15 +1,19 @@
-"""Hugging Face interop: our `ModelConfig` + state dict <-> `transformers`, one class per family:
+"""Hugging Face interop: our `ModelConfig` + state dict <-> `transformers`, a class per recipe:
 
     arch=decoder          LlamaForCausalLM
-    arch=encoder          BertForMaskedLM (import also reads BertForPreTraining's masked-LM part
-                          and RobertaForMaskedLM)
+    arch=encoder          post-norm (BERT's recipe): BertForMaskedLM (import also reads
+                          BertForPreTraining's masked-LM part and RobertaForMaskedLM);
+                          pre-norm (ModernBERT's, every layer global attention):
+                          ModernBertForMaskedLM
     arch=encoder_decoder  T5ForConditionalGeneration (mlp=relu with tied embeddings: T5 v1.0;
                           mlp=gated_gelu, untied: T5 v1.1)
 
 Conversion renames keys; the tensors are the same (our rotary convention is HF's "rotate half",
-so wq/wk need no permutation). A config the family's HF class cannot express (an encoder with
-RMSNorm or RoPE, a T5 with biases, ...) is refused with a ValueError naming the fields. Only
-local directories are read or written; nothing is downloaded.
+so wq/wk need no permutation), but for ModernBERT's fused projections: its Wqkv is wq, wk, wv
+stacked by rows, its Wi w1 (the input) then w3 (the gate). A config the HF class cannot express
+(an encoder with RMSNorm, a pre-norm one with learned positions, a T5 with biases, ...) is
+refused with a ValueError naming the fields. Only local directories are read or written;
+nothing is downloaded.
 
 Tokenizer: a SentencePiece BPE model becomes a `tokenizer.json` whose pipeline reproduces
 sentencepiece's encoding exactly (its normalization, dummy prefix and byte fallback), loaded by
@@ -23,7 +27,8 @@ characters) and decoding with `skip_special_tokens=True` drops them, as sentence
 pre-training began with it. With special tokens requested, the decoder's tokenizer puts BOS in
 front (as LlamaTokenizer); the encoder's and T5's append EOS, as every pre-training document
 ends with EOS and as T5's tokenizer does. A pair is `A </s> B </s>`, BERT's token type 1 on B
-(pre-training used type 0 only, so type 1's embedding is at its init until fine-tuned).
+(pre-training used type 0 only, so type 1's embedding is at its init until fine-tuned);
+ModernBERT takes no token types.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ __all__ = [
     "export_hf",
     "from_hf_config",
     "from_hf_state_dict",
+    "hf_class",
     "import_hf",
     "save_hf_tokenizer",
     "spm_to_hf_tokenizer",
@@ -55,18 +61,23 @@ __all__ = [
     "to_hf_state_dict",
 ]
 
-HF_CLASSES = {"decoder": "LlamaForCausalLM", "encoder": "BertForMaskedLM",
-              "encoder_decoder": "T5ForConditionalGeneration"}
-"""The transformers class each of our families exports to."""
+_LLAMA, _BERT, _MODERN_BERT, _T5 = ("LlamaForCausalLM", "BertForMaskedLM",
+                                     "ModernBertForMaskedLM", "T5ForConditionalGeneration")
+HF_CLASSES: dict[str, tuple[str, ...]] = {"decoder": (_LLAMA,), "encoder": (_BERT, _MODERN_BERT),
+                                          "encoder_decoder": (_T5,)}
+"""The transformers classes each of our families exports to (`hf_class` picks one)."""
 
-# The block options each family's HF class hard-codes (any other value cannot be expressed).
+# The block options each HF class hard-codes (any other value cannot be expressed).
 _RECIPES: dict[str, dict[str, object]] = {
-    "decoder": dict(norm="rms", norm_position="pre", mlp="swiglu", position="rope",
-                    scale_attention=True),
-    "encoder": dict(norm="layer", norm_position="post", bias=True, mlp="gelu",
-                    position="learned", scale_attention=True, tie_embeddings=True),
-    "encoder_decoder": dict(norm="rms", norm_position="pre", bias=False, position="relative",
-                            scale_attention=False),
+    _LLAMA: dict(norm="rms", norm_position="pre", mlp="swiglu", position="rope",
+                 scale_attention=True),
+    _BERT: dict(norm="layer", norm_position="post", bias=True, mlp="gelu", position="learned",
+                scale_attention=True, tie_embeddings=True),
+    # bias either way: ModernBERT's norm_bias, attention_bias, mlp_bias, classifier_bias
+    _MODERN_BERT: dict(norm="layer", norm_position="pre", mlp="geglu", position="rope",
+                       scale_attention=True, tie_embeddings=True, rope_scaling_factor=None),
+    _T5: dict(norm="rms", norm_position="pre", bias=False, position="relative",
+              scale_attention=False),
 }
 _T5_MLP = {"relu": "relu", "gated_gelu": "gated-gelu"}
 _T5_ARCHS = ("T5ForConditionalGeneration", "T5WithLMHeadModel")
@@ -77,27 +88,41 @@ def _head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.dim // cfg.n_heads
 
 
-def check_exportable(cfg: ModelConfig) -> None:
-    """ValueError naming every field of `cfg` that its family's HF class cannot express."""
+def hf_class(cfg: ModelConfig) -> str:
+    """The transformers class `cfg` exports to: by family, and an encoder by its norm position
+    (post: BertForMaskedLM, pre: ModernBertForMaskedLM)."""
     if cfg.arch not in HF_CLASSES:
         raise ValueError(f"model.arch={cfg.arch!r}; Hugging Face export knows "
                          f"{', '.join(HF_CLASSES)}")
-    bad = [f"{k}={getattr(cfg, k)!r} (it needs {v!r})"
-           for k, v in _RECIPES[cfg.arch].items() if getattr(cfg, k) != v]
-    grouped = cfg.n_kv_heads is not None and cfg.n_kv_heads != cfg.n_heads
     if cfg.arch == "encoder":
-        if grouped:
-            bad.append(f"n_kv_heads={cfg.n_kv_heads} (BERT has no grouped-query attention)")
-        if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.dim:
-            bad.append(f"head_dim={cfg.head_dim} (BERT's is dim / n_heads)")
-    if cfg.arch == "encoder_decoder":
-        if cfg.mlp not in _T5_MLP:
-            bad.append(f"mlp={cfg.mlp!r} (T5 has {' or '.join(map(repr, _T5_MLP))})")
-        if grouped:
-            bad.append(f"n_kv_heads={cfg.n_kv_heads} (T5 has no grouped-query attention)")
-    if bad:
-        raise ValueError(f"model {cfg.name!r} (arch={cfg.arch}) cannot be exported as "
-                         f"{HF_CLASSES[cfg.arch]}: model.{', model.'.join(bad)}")
+        return _MODERN_BERT if cfg.norm_position == "pre" else _BERT
+    return HF_CLASSES[cfg.arch][0]
+
+
+def _inexpressible(cfg: ModelConfig, cls: str) -> list[str]:
+    """The fields of `cfg` (as `name=value (why)`) that HF class `cls` cannot express."""
+    bad = [f"{k}={getattr(cfg, k)!r} (it needs {v!r})"
+           for k, v in _RECIPES[cls].items() if getattr(cfg, k) != v]
+    kind = cls.removesuffix("ForMaskedLM").removesuffix("ForConditionalGeneration")
+    if cls != _LLAMA and cfg.n_kv_heads is not None and cfg.n_kv_heads != cfg.n_heads:
+        bad.append(f"n_kv_heads={cfg.n_kv_heads} ({kind} has no grouped-query attention)")
+    if cls in (_BERT, _MODERN_BERT) and cfg.head_dim is not None \
+            and cfg.head_dim * cfg.n_heads != cfg.dim:
+        bad.append(f"head_dim={cfg.head_dim} ({kind}'s is dim / n_heads)")
+    if cls == _T5 and cfg.mlp not in _T5_MLP:
+        bad.append(f"mlp={cfg.mlp!r} (T5 has {' or '.join(map(repr, _T5_MLP))})")
+    return bad
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """ValueError naming every field of `cfg` that its HF class cannot express (an encoder
+    that is neither BERT's recipe nor ModernBERT's: the fields that differ from each)."""
+    classes = (_BERT, _MODERN_BERT) if cfg.arch == "encoder" else (hf_class(cfg),)
+    problems = {cls: _inexpressible(cfg, cls) for cls in classes}
+    if all(problems.values()):
+        why = " nor as ".join(f"{cls}: model.{', model.'.join(bad)}"
+                              for cls, bad in problems.items())
+        raise ValueError(f"model {cfg.name!r} (arch={cfg.arch}) cannot be exported as {why}")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -171,6 +196,56 @@ def _bert_config(cfg: ModelConfig) -> Any:
     )
 
 
+MASK_ID = 4
+"""Where pretrain's tokenizers put `<mask>` (the first control piece after the fixed ids)."""
+
+
+def _modern_bert_config(cfg: ModelConfig, mask_token_id: int | None) -> Any:
+    """Every layer global attention with our rotary base; the bias option in every projection
+    and LayerNorm, while the output projection always has one (as ours)."""
+    from transformers import ModernBertConfig
+
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if "rope_parameters" in inspect.signature(ModernBertConfig.__init__).parameters:
+        layout: dict[str, Any] = {  # transformers >= 5
+            "layer_types": ["full_attention"] * cfg.n_layers,
+            "rope_parameters": {"full_attention": rope, "sliding_attention": dict(rope)}}
+    else:
+        layout = {"global_attn_every_n_layers": 1, "global_rope_theta": cfg.rope_theta,
+                  "local_rope_theta": cfg.rope_theta}
+    return ModernBertConfig(
+        architectures=[_MODERN_BERT],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=ffn_hidden_dim(cfg),
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        hidden_activation="gelu",  # exact (erf) GELU: ours for mlp=geglu and in the head
+        classifier_activation="gelu",
+        max_position_embeddings=cfg.max_seq_len,
+        initializer_range=cfg.init_std,
+        norm_eps=cfg.norm_eps,
+        norm_bias=cfg.bias,
+        attention_bias=cfg.bias,
+        mlp_bias=cfg.bias,
+        classifier_bias=cfg.bias,  # the head's dense layer
+        decoder_bias=True,
+        attention_dropout=0.0,
+        embedding_dropout=0.0,
+        mlp_dropout=0.0,
+        classifier_dropout=0.0,
+        sparse_prediction=False,  # logits at every position
+        tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        cls_token_id=BOS_ID,
+        sep_token_id=EOS_ID,
+        mask_token_id=mask_token_id,
+        **layout,
+    )
+
+
 def _t5_config(cfg: ModelConfig) -> Any:
     from transformers import T5Config
 
@@ -198,11 +273,14 @@ def _t5_config(cfg: ModelConfig) -> Any:
     )
 
 
-def to_hf_config(cfg: ModelConfig) -> Any:
-    """The transformers config (LlamaConfig, BertConfig or T5Config) of the same model."""
+def to_hf_config(cfg: ModelConfig, *, mask_token_id: int | None = MASK_ID) -> Any:
+    """The transformers config (LlamaConfig, BertConfig, ModernBertConfig or T5Config) of the
+    same model; `mask_token_id`: ModernBERT's (the others' configs do not name it)."""
     check_exportable(cfg)
-    return {"decoder": _llama_config, "encoder": _bert_config,
-            "encoder_decoder": _t5_config}[cfg.arch](cfg)
+    cls = hf_class(cfg)
+    if cls == _MODERN_BERT:
+        return _modern_bert_config(cfg, mask_token_id)
+    return {_LLAMA: _llama_config, _BERT: _bert_config, _T5: _t5_config}[cls](cfg)
 
 
 def _hf_rope(hf_cfg: Any) -> dict[str, Any]:
@@ -302,6 +380,65 @@ def _from_bert(hf_cfg: Any, name: str) -> ModelConfig:
     )
 
 
+def _modern_bert_layout(hf_cfg: Any) -> tuple[list[str], dict[str, Any]]:
+    """Each layer's attention kind and the global layers' rotary settings, whichever
+    transformers version wrote the config (5: `layer_types`, `rope_parameters`; 4:
+    `global_attn_every_n_layers`, `global_rope_theta`)."""
+    kinds = getattr(hf_cfg, "layer_types", None)
+    if not kinds:
+        every = getattr(hf_cfg, "global_attn_every_n_layers", 3)
+        kinds = ["full_attention" if i % every == 0 else "sliding_attention"
+                 for i in range(hf_cfg.num_hidden_layers)]
+    params = getattr(hf_cfg, "rope_parameters", None)
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        rope = dict(params["full_attention"])
+    else:
+        rope = {"rope_theta": hf_cfg.global_rope_theta}
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    return list(kinds), rope
+
+
+def _from_modern_bert(hf_cfg: Any, name: str) -> ModelConfig:
+    """ModernBERT with global attention in every layer: pre-norm LayerNorm, GeGLU, RoPE, the
+    bias option the same in every projection and norm."""
+    kinds, rope = _modern_bert_layout(hf_cfg)
+    local = [i for i, kind in enumerate(kinds) if kind != "full_attention"]
+    bias = bool(hf_cfg.attention_bias)
+    biases = {k: bool(getattr(hf_cfg, k)) for k in ("norm_bias", "mlp_bias", "classifier_bias")}
+    _refuse("ModernBERT", [
+        (bool(local), f"local (sliding-window) attention in layers {local}"),
+        (rope["rope_type"] != "default", f"rope type {rope['rope_type']!r}"),
+        (hf_cfg.hidden_activation != "gelu", f"hidden_activation={hf_cfg.hidden_activation!r}"),
+        (hf_cfg.classifier_activation != "gelu",
+         f"classifier_activation={hf_cfg.classifier_activation!r}"),
+        *((b != bias, f"{k}={b} with attention_bias={bias}") for k, b in biases.items()),
+        (not hf_cfg.decoder_bias, "decoder_bias=False"),
+        (getattr(hf_cfg, "tie_word_embeddings", True) is False, "tie_word_embeddings=False"),
+        (hf_cfg.hidden_size % hf_cfg.num_attention_heads != 0,
+         f"hidden_size {hf_cfg.hidden_size} not divisible by the heads"),
+    ], "pretrain's pre-norm encoder is ModernBERT with every layer global attention, exact "
+       "GELU, biases in all projections and norms or none, a tied head with a bias")
+    return ModelConfig(
+        name=name,
+        arch="encoder",
+        dim=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_heads=hf_cfg.num_attention_heads,
+        vocab_size=hf_cfg.vocab_size,
+        ffn_hidden_dim=hf_cfg.intermediate_size,
+        norm="layer",
+        norm_position="pre",
+        norm_eps=hf_cfg.norm_eps,
+        bias=bias,
+        mlp="geglu",
+        position="rope",
+        rope_theta=float(rope["rope_theta"]),
+        max_seq_len=hf_cfg.max_position_embeddings,
+        tie_embeddings=True,
+        init_std=hf_cfg.initializer_range,
+    )
+
+
 def _t5_scales_output(hf_cfg: Any) -> bool:
     """Whether the decoder output is scaled by d_model**-0.5 (T5 v1.0): transformers 5 keeps
     it as `scale_decoder_outputs` (its `tie_word_embeddings` is always true), 4 as the tie."""
@@ -334,12 +471,13 @@ def _from_t5(hf_cfg: Any, name: str) -> ModelConfig:
     )
 
 
-_FROM_HF = {"llama": _from_llama, "bert": _from_bert, "roberta": _from_bert, "t5": _from_t5}
+_FROM_HF = {"llama": _from_llama, "bert": _from_bert, "roberta": _from_bert,
+            "modernbert": _from_modern_bert, "t5": _from_t5}
 
 
 def from_hf_config(hf_cfg: Any, *, name: str = "hf") -> ModelConfig:
-    """Our `ModelConfig` of a transformers Llama, BERT, RoBERTa or T5 config; ValueError for
-    a variant our models do not implement."""
+    """Our `ModelConfig` of a transformers Llama, BERT, RoBERTa, ModernBERT or T5 config;
+    ValueError for a variant our models do not implement."""
     model_type = getattr(hf_cfg, "model_type", "llama")
     if model_type not in _FROM_HF:
         raise ValueError(f"model_type={model_type!r} is not supported; pretrain imports "
@@ -403,6 +541,53 @@ _BERT_BLOCK = {
     "ffn_norm": "output.LayerNorm",
 }
 
+_MODERN_BERT_BLOCK = {  # wqkv and w13: our matrices fused as HF's (`_FUSED`)
+    "attention.wqkv": "attn.Wqkv",
+    "attention.wo": "attn.Wo",
+    "attention_norm": "attn_norm",  # absent in layer 0 (its input is the normalized embeddings)
+    "feed_forward.w13": "mlp.Wi",
+    "feed_forward.w2": "mlp.Wo",
+    "ffn_norm": "mlp_norm",
+}
+_FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+          "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+"""ModernBERT's fused projections: our matrices (and biases) stacked by output rows, in order
+(its MLP computes act(input) * gate from the halves of Wi: input w1, gate w3)."""
+_BLOCK_KEY = re.compile(r"(layers\.\d+\.)(.+)\.(weight|bias)")
+
+
+def _fuse(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our block matrices stacked as `_FUSED` names them (other tensors as they are); for a
+    state dict `_check_state_dict` passed, which holds every part."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    out = {}
+    for key, value in state_dict.items():
+        m = _BLOCK_KEY.fullmatch(key)
+        fused = next((f for f, names in _FUSED.items() if m and m[2] in names), None)
+        if fused is None:
+            out[key] = value
+        else:
+            parts.setdefault(f"{m[1]}{fused}.{m[3]}", {})[m[2]] = value
+    for key, found in parts.items():
+        out[key] = torch.cat([found[n] for n in _FUSED[_BLOCK_KEY.fullmatch(key)[2]]])
+    return out
+
+
+def _split(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`_fuse` undone: each fused tensor cut into our matrices (copies, not views of it)."""
+    out = {}
+    for key, value in state_dict.items():
+        m = _BLOCK_KEY.fullmatch(key)
+        if m is None or m[2] not in _FUSED:
+            out[key] = value
+            continue
+        names = _FUSED[m[2]]
+        if value.shape[0] % len(names):
+            raise ValueError(f"{key} has {value.shape[0]} rows, not {len(names)} equal parts")
+        for name, part in zip(names, value.chunk(len(names))):
+            out[f"{m[1]}{name}.{m[3]}"] = part.clone()
+    return out
+
 
 def _t5_block(decoder: bool, gated: bool) -> dict[str, str]:
     ffn = "layer.2" if decoder else "layer.1"
@@ -421,8 +606,17 @@ def _t5_block(decoder: bool, gated: bool) -> dict[str, str]:
     return names
 
 
-def _names(arch: str, *, gated: bool = True, roberta: bool = False) -> _Names:
-    """Our names -> the HF class's, for family `arch` (T5: `gated` MLP; encoder: RoBERTa's)."""
+def _names(arch: str, *, gated: bool = True, roberta: bool = False,
+           modern: bool = False) -> _Names:
+    """Our names -> the HF class's, for family `arch` (T5: `gated` MLP; encoder: RoBERTa's or
+    ModernBERT's, the latter with the block matrices `_fuse`d)."""
+    if arch == "encoder" and modern:
+        return _Names(
+            {"tok_embeddings": "model.embeddings.tok_embeddings",
+             "embed_norm": "model.embeddings.norm", "norm": "model.final_norm",
+             "head_dense": "head.dense", "head_norm": "head.norm", "output": "decoder"},
+            {("layers.", "model.layers."): _MODERN_BERT_BLOCK}, {},
+            ignored=("rotary_emb.",))
     if arch == "decoder":
         return _Names({"tok_embeddings": "model.embed_tokens", "norm": "model.norm",
                        "output": "lm_head"},
@@ -495,24 +689,26 @@ def _tie_output(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Te
 
 
 def to_hf_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Rename our (whole, unsharded) state dict to the keys of the family's HF class (tied
-    tensors under each of their names); same tensors."""
+    """Rename our (whole, unsharded) state dict to the keys of the model's HF class (tied
+    tensors under each of their names); same tensors, but for ModernBERT's fused matrices."""
     check_exportable(cfg)
     state_dict = _tie_output(state_dict, cfg)
     _check_state_dict(state_dict, cfg)
-    names = _names(cfg.arch, gated=cfg.mlp == "gated_gelu")
-    out = {names.rename(k): v for k, v in state_dict.items()}
+    modern = hf_class(cfg) == _MODERN_BERT
+    names = _names(cfg.arch, gated=cfg.mlp == "gated_gelu", modern=modern)
+    out = {names.rename(k): v for k, v in (_fuse(state_dict) if modern else state_dict).items()}
     return out | {alias: out[source] for alias, source in names.aliases.items()}
 
 
 def from_hf_state_dict(state_dict: dict[str, Tensor], hf_cfg: Any) -> dict[str, Tensor]:
-    """Rename an HF state dict (Llama, BERT, RoBERTa, T5) to ours; same tensors, but for
-    RoBERTa's position table, whose rows before position 0 are dropped. A tied checkpoint may
-    omit the output matrix; we fill output.weight with the embedding, as our state dict holds
-    both."""
+    """Rename an HF state dict (Llama, BERT, RoBERTa, ModernBERT, T5) to ours; same tensors,
+    but for ModernBERT's fused matrices, which are split, and RoBERTa's position table, whose
+    rows before position 0 are dropped. A tied checkpoint may omit the output matrix; we fill
+    output.weight with the embedding, as our state dict holds both."""
     cfg = from_hf_config(hf_cfg)
     roberta = getattr(hf_cfg, "model_type", None) == "roberta"
-    names = _names(cfg.arch, gated=cfg.mlp == "gated_gelu", roberta=roberta)
+    modern = hf_class(cfg) == _MODERN_BERT
+    names = _names(cfg.arch, gated=cfg.mlp == "gated_gelu", roberta=roberta, modern=modern)
     hf = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
                                                                    "LayerNorm.bias"): v
           for k, v in state_dict.items() if not any(s in k for s in names.ignored)}
@@ -522,6 +718,8 @@ def from_hf_state_dict(state_dict: dict[str, Tensor], hf_cfg: Any) -> dict[str, 
             del hf[alias]
     back = names.reversed()
     out = {back.rename(k): v for k, v in hf.items()}
+    if modern:
+        out = _split(out)
     if cfg.tie_embeddings and "output.weight" in out and "tok_embeddings.weight" in out:
         if not torch.equal(out["output.weight"], out["tok_embeddings.weight"]):
             raise ValueError("the checkpoint declares tied embeddings (the output projection "
@@ -630,11 +828,12 @@ def spm_to_hf_tokenizer(spm_path: str | Path, *, arch: str = "decoder") -> Any:
 
 
 def save_hf_tokenizer(spm_path: str | Path, out_dir: str | Path, *, model_max_length: int,
-                      arch: str = "decoder") -> None:
+                      arch: str = "decoder", token_types: bool | None = None) -> None:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and a copy of the
     SentencePiece model (tokenizer.model) into `out_dir`, for a model of family `arch`:
     `<mask>` is the encoder's mask token; the other control pieces (T5's sentinels, the FIM
-    pieces) are additional special tokens."""
+    pieces) are additional special tokens. `token_types`: whether the tokenizer returns
+    token_type_ids (default: for an encoder, as BERT takes them; ModernBERT does not)."""
     if arch not in HF_CLASSES:
         raise ValueError(f"arch={arch!r}; one of {', '.join(HF_CLASSES)}")
     out = Path(out_dir)
@@ -654,12 +853,14 @@ def save_hf_tokenizer(spm_path: str | Path, out_dir: str | Path, *, model_max_le
     if control:
         special["additional_special_tokens"] = control
     decoder = arch == "decoder"
+    if token_types is None:
+        token_types = arch == "encoder"
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
               "add_bos_token": decoder, "add_eos_token": not decoder,
               "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
-              # T5 and Llama take no token types; BERT's are 0 for a text, 1 for a pair's second
-              "model_input_names": ["input_ids", *(["token_type_ids"] if arch == "encoder"
-                                                   else []), "attention_mask"]}
+              # BERT's token types are 0 for a text, 1 for a pair's second
+              "model_input_names": ["input_ids", *(["token_type_ids"] if token_types else []),
+                                    "attention_mask"]}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -675,8 +876,8 @@ def export_hf(
     tokenizer_path: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a directory that transformers' `from_pretrained(out_dir)` loads as the family's
-    class (`HF_CLASSES`: config.json, generation_config.json for the generating ones,
+    """Write a directory that transformers' `from_pretrained(out_dir)` loads as the model's
+    class (`hf_class`: config.json, generation_config.json for the generating ones,
     safetensors weights in `dtype`) and, given a SentencePiece model, that
     `AutoTokenizer.from_pretrained(out_dir)` loads. Checks everything before writing anything.
     Returns out_dir."""
@@ -684,40 +885,55 @@ def export_hf(
 
     if not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype}; export weights as a floating-point type")
-    hf_cfg = to_hf_config(cfg)  # refuses what the class cannot express
+    check_exportable(cfg)
+    mask_token_id: int | None = MASK_ID
+    if tokenizer_path is not None:  # a tokenizer we cannot export fails before any write
+        pieces = [p.piece for p in _load_spm_proto(tokenizer_path).pieces]
+        mask_token_id = pieces.index(_MASK) if _MASK in pieces else None
+    cls = hf_class(cfg)
+    hf_cfg = to_hf_config(cfg, mask_token_id=mask_token_id)
     hf_state = {k: v.detach().to("cpu", dtype)
                 for k, v in to_hf_state_dict(state_dict, cfg).items()}
-    if tokenizer_path is not None:
-        _load_spm_proto(tokenizer_path)  # a tokenizer we cannot export fails before any write
     with torch.device("meta"):  # no allocation and no random init: the weights come from us
-        model = getattr(transformers, HF_CLASSES[cfg.arch])(hf_cfg).to(dtype)
+        model = getattr(transformers, cls)(hf_cfg).to(dtype)
     model.load_state_dict(hf_state, strict=True, assign=True)
     _retie(model, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    if cfg.arch == "encoder_decoder":
-        # transformers 5 writes tie_word_embeddings=true for every T5 (it keeps the meaning in
-        # scale_decoder_outputs); write what the weights are, as older versions read it.
-        path = out / "config.json"
-        saved = json.loads(path.read_text())
-        saved["tie_word_embeddings"] = cfg.tie_embeddings
-        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    # What older transformers versions read: transformers 5 writes tie_word_embeddings=true
+    # for every T5 (it keeps the meaning in scale_decoder_outputs), and ModernBERT's layer
+    # kinds and rotary bases as `layer_types` and `rope_parameters`, which 4 does not know.
+    if cls == _T5:
+        _update_config(out, tie_word_embeddings=cfg.tie_embeddings)
+    if cls == _MODERN_BERT:
+        _update_config(out, global_attn_every_n_layers=1, global_rope_theta=cfg.rope_theta,
+                       local_rope_theta=cfg.rope_theta)
     if tokenizer_path is not None:
-        save_hf_tokenizer(tokenizer_path, out, model_max_length=cfg.max_seq_len, arch=cfg.arch)
+        save_hf_tokenizer(tokenizer_path, out, model_max_length=cfg.max_seq_len, arch=cfg.arch,
+                          token_types=cls == _BERT)
     return out
+
+
+def _update_config(out: Path, **fields: Any) -> None:
+    path = out / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps(saved | fields, indent=2, sort_keys=True) + "\n")
 
 
 def _retie(model: Any, cfg: ModelConfig) -> None:
     """`load_state_dict(assign=True)` gives every name its own Parameter; share them again
     where the HF class ties them, so that the matrix is saved once."""
-    if cfg.arch == "decoder":
+    cls = hf_class(cfg)
+    if cls == _LLAMA:
         if cfg.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-    elif cfg.arch == "encoder":
+    elif cls == _BERT:
         head = model.cls.predictions
         head.decoder.weight = model.bert.embeddings.word_embeddings.weight
         head.decoder.bias = head.bias
+    elif cls == _MODERN_BERT:
+        model.decoder.weight = model.model.embeddings.tok_embeddings.weight
     else:
         model.encoder.embed_tokens.weight = model.shared.weight
         model.decoder.embed_tokens.weight = model.shared.weight
@@ -738,15 +954,17 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
 
 _ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "bert": _BERT_ARCHS,
-                  "roberta": ("RobertaForMaskedLM",), "t5": _T5_ARCHS}
+                  "roberta": ("RobertaForMaskedLM",), "modernbert": (_MODERN_BERT,),
+                  "t5": _T5_ARCHS}
 """The model classes whose checkpoints hold every weight our model of that type needs."""
 
 
 def import_hf(path: str | Path) -> tuple[dict[str, Tensor], ModelConfig]:
     """Our state dict and config from a local Hugging Face directory of LlamaForCausalLM,
-    BertForMaskedLM (or BertForPreTraining: its masked-LM part), RobertaForMaskedLM or
-    T5ForConditionalGeneration; never the hub. A RoBERTa model numbers positions from
-    padding_idx + 1: ours from 0, which gives its results for text without padding in front."""
+    BertForMaskedLM (or BertForPreTraining: its masked-LM part), RobertaForMaskedLM,
+    ModernBertForMaskedLM (global attention in every layer) or T5ForConditionalGeneration;
+    never the hub. A RoBERTa model numbers positions from padding_idx + 1: ours from 0, which
+    gives its results for text without padding in front."""
     from transformers import AutoConfig
 
     directory = Path(path)

@@ -1,7 +1,8 @@
-"""The encoder (BertForMaskedLM) and encoder-decoder (T5ForConditionalGeneration) families
-against transformers: logits after export and `from_pretrained`, import back, refused configs,
-the exported tokenizer and the export command; also the decoder options (biases, head_dim) that
-LlamaForCausalLM expresses, and the import of RoBERTa."""
+"""The encoder (BertForMaskedLM, ModernBertForMaskedLM) and encoder-decoder
+(T5ForConditionalGeneration) families against transformers: logits after export and
+`from_pretrained`, import back, refused configs, the exported tokenizer and the export command;
+also the decoder options (biases, head_dim) that LlamaForCausalLM expresses, and the import of
+RoBERTa and of a ModernBERT that transformers made."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -38,6 +40,20 @@ ENCODERS = {
                                      **{**BERT, "norm_eps": 1e-5}),
     "3_layers_8_heads": ModelConfig(name="bert3", dim=64, n_layers=3, n_heads=8,
                                     ffn_hidden_dim=256, **BERT),
+}
+MODERN_BERT = dict(arch="encoder", norm="layer", norm_position="pre", norm_eps=1e-5, bias=False,
+                   mlp="geglu", position="rope", tie_embeddings=True, vocab_size=120,
+                   max_seq_len=64)
+MODERN_BERTS = {
+    "modernbert": ModelConfig(name="mbert", dim=64, n_layers=3, n_heads=4, ffn_hidden_dim=96,
+                              rope_theta=160_000.0, **MODERN_BERT),
+    # biases in every projection and LayerNorm (norm_bias, attention/mlp/classifier_bias)
+    "modernbert_1_layer_biases": ModelConfig(name="mbert1", dim=48, n_layers=1, n_heads=2,
+                                             ffn_hidden_dim=80, rope_theta=500.0,
+                                             **{**MODERN_BERT, "bias": True}),
+    "modernbert_2_layers_8_heads": ModelConfig(name="mbert2", dim=64, n_layers=2, n_heads=8,
+                                               ffn_hidden_dim=128, rope_theta=10_000.0,
+                                               **{**MODERN_BERT, "norm_eps": 1e-6}),
 }
 T5 = dict(arch="encoder_decoder", norm="rms", norm_eps=1e-6, position="relative",
           scale_attention=False, vocab_size=120, max_seq_len=64)
@@ -110,7 +126,14 @@ def assert_same_state(state: dict[str, torch.Tensor], model: nn.Module) -> None:
     assert all(torch.equal(state[k], v) for k, v in expected.items())
 
 
-ALL = {**ENCODERS, **T5S, **DECODER_OPTIONS}
+ALL = {**ENCODERS, **MODERN_BERTS, **T5S, **DECODER_OPTIONS}
+
+
+def hf_class_name(cfg: ModelConfig) -> str:
+    if cfg.arch == "encoder":
+        return "BertForMaskedLM" if cfg.norm_position == "post" else "ModernBertForMaskedLM"
+    return {"decoder": "LlamaForCausalLM",
+            "encoder_decoder": "T5ForConditionalGeneration"}[cfg.arch]
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -119,10 +142,7 @@ def test_export_then_from_pretrained_gives_the_same_logits(name: str, tmp_path: 
     ours = randomized(cfg)
     export_hf(ours.state_dict(), cfg, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["architectures"] == [{"decoder": "LlamaForCausalLM",
-                                       "encoder": "BertForMaskedLM",
-                                       "encoder_decoder": "T5ForConditionalGeneration"}[cfg.arch]]
-    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert saved["architectures"] == [hf_class_name(cfg)]
     hf_class = getattr(transformers, saved["architectures"][0])
     hf = hf_class.from_pretrained(tmp_path).eval()
     if cfg.arch == "decoder":
@@ -165,7 +185,7 @@ def test_untied_t5_in_bf16_keeps_its_own_output_matrix(tmp_path: Path) -> None:
     assert not torch.equal(state["output.weight"], state["tok_embeddings.weight"])
 
 
-@pytest.mark.parametrize("name", list(ENCODERS) + list(T5S))
+@pytest.mark.parametrize("name", list(ENCODERS) + list(MODERN_BERTS) + list(T5S))
 def test_conversion_round_trip_and_strict_load(name: str) -> None:
     cfg = ALL[name]
     ours = randomized(cfg)
@@ -176,6 +196,86 @@ def test_conversion_round_trip_and_strict_load(name: str) -> None:
     hf.from_config(hf_cfg).load_state_dict(hf_state, strict=True)  # every HF name, no other
     assert_same_state(from_hf_state_dict(hf_state, hf_cfg), ours)
     assert from_hf_config(hf_cfg, name=cfg.name) == cfg
+
+
+def test_modern_bert_export_is_all_global_attention_and_reads_as_older_versions_write_it(
+        tmp_path: Path) -> None:
+    """Every layer global attention with our rotary base, logits at every position, pretrain's
+    token ids; the keys transformers 4 reads (`global_attn_every_n_layers`, `*_rope_theta`)
+    alone give the same model."""
+    cfg = MODERN_BERTS["modernbert"]
+    export_hf(randomized(cfg).state_dict(), cfg, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["layer_types"] == ["full_attention"] * cfg.n_layers
+    assert {k: v["rope_theta"] for k, v in saved["rope_parameters"].items()} == {
+        "full_attention": cfg.rope_theta, "sliding_attention": cfg.rope_theta}
+    assert (saved["global_attn_every_n_layers"], saved["global_rope_theta"],
+            saved["local_rope_theta"]) == (1, cfg.rope_theta, cfg.rope_theta)
+    assert not saved["sparse_prediction"] and saved["decoder_bias"] and not saved["norm_bias"]
+    assert [saved[f"{k}_token_id"] for k in ("pad", "bos", "eos", "cls", "sep", "mask")] == [
+        0, 2, 3, 2, 3, 4]
+    older = {k: v for k, v in saved.items() if k not in ("layer_types", "rope_parameters")}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert from_hf_config(hf_cfg, name=cfg.name) == cfg
+
+
+def test_modern_bert_made_by_transformers_imports(tmp_path: Path) -> None:
+    """A ModernBertForMaskedLM that transformers built (from the config keys older versions
+    use) and saved (the tied output matrix stored once): same logits, padding masked too."""
+    hf_cfg = transformers.ModernBertConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64, global_attn_every_n_layers=1,
+        global_rope_theta=1000.0, pad_token_id=0, eos_token_id=3, bos_token_id=2,
+        cls_token_id=2, sep_token_id=3)
+    torch.manual_seed(0)
+    hf = transformers.ModernBertForMaskedLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.08)
+    hf.save_pretrained(tmp_path)
+    state, cfg = import_hf(tmp_path)
+    assert (cfg.norm_position, cfg.mlp, cfg.position, cfg.rope_theta, cfg.bias) == (
+        "pre", "geglu", "rope", 1000.0, False)
+    ours = build_model(cfg, device="cpu").eval()
+    ours.load_state_dict(state, strict=True)
+    assert max_diff(ours, hf, cfg) <= 1e-4
+    assert max_diff(ours, hf, cfg, padded=True) <= 1e-4
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(global_attn_every_n_layers=3), r"local \(sliding-window\) attention in layers \[1, 2\]"),
+    (dict(norm_bias=True), "norm_bias=True with attention_bias=False"),
+    (dict(attention_bias=True, mlp_bias=True), "classifier_bias=False with attention_bias=True"),
+    (dict(hidden_activation="silu"), "hidden_activation='silu'"),
+    (dict(decoder_bias=False), "decoder_bias=False"),
+])
+def test_modern_bert_import_refuses_what_our_encoder_lacks(changes: dict,
+                                                           message: str) -> None:
+    kwargs = dict(vocab_size=100, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                  num_attention_heads=2, global_attn_every_n_layers=1)
+    hf_cfg = transformers.ModernBertConfig(**{**kwargs, **changes})
+    with pytest.raises(ValueError, match=f"unsupported ModernBERT variant .*{message}"):
+        from_hf_config(hf_cfg)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    (dict(position="learned"), "position='learned'"),
+    (dict(mlp="gelu"), "mlp='gelu'"),
+    (dict(norm="rms"), "norm='rms'"),
+    (dict(n_kv_heads=2), "n_kv_heads=2"),
+    (dict(head_dim=32), "head_dim=32"),
+    (dict(rope_scaling_factor=8.0), "rope_scaling_factor=8.0"),
+    (dict(tie_embeddings=False), "tie_embeddings=False"),
+])
+def test_pre_norm_encoder_export_names_what_modern_bert_cannot_express(
+        changes: dict, field: str, tmp_path: Path) -> None:
+    """Neither encoder recipe: the fields that differ from BERT's and from ModernBERT's."""
+    cfg = dataclasses.replace(MODERN_BERTS["modernbert"], **changes)
+    with pytest.raises(ValueError, match=f"as BertForMaskedLM: .*model.norm_position='pre'.* "
+                                         f"nor as ModernBertForMaskedLM: .*model.{field}"):
+        export_hf({}, cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("cfg", "field"), [
@@ -285,12 +385,18 @@ def test_exported_tokenizer_encodes_like_ours(arch: str, spm_path: str, tmp_path
 # ------------------------------------------------------------------------------ export tool
 
 
-@pytest.mark.parametrize("name", ["bert", "v1_1_untied_gated"])
+CONF_MODEL = Path(__file__).parents[2] / "conf" / "model"
+
+
+@pytest.mark.parametrize("name", ["bert", "cpu_encoder", "v1_1_untied_gated"])
 def test_export_command_writes_a_loadable_model(name: str, spm_path: str,
                                                 tmp_path: Path) -> None:
     """`pretrain-export-hf` on a consolidated checkpoint (what `pretrain-consolidate` writes):
-    the family comes from the config saved with the run."""
-    cfg = dataclasses.replace(ALL[name], vocab_size=Tokenizer.load(spm_path).vocab_size)
+    the class comes from the config saved with the run (cpu_encoder: the preset's ModernBERT
+    recipe and size)."""
+    cfg = ModelConfig(**yaml.safe_load((CONF_MODEL / f"{name}.yaml").read_text())) \
+        if name == "cpu_encoder" else ALL[name]
+    cfg = dataclasses.replace(cfg, vocab_size=Tokenizer.load(spm_path).vocab_size)
     ours = randomized(cfg)
     state = {"config": {"model": dataclasses.asdict(cfg)}, "counters": {"step": 7},
              "tokenizer_path": spm_path}
@@ -298,8 +404,18 @@ def test_export_command_writes_a_loadable_model(name: str, spm_path: str,
     assert export_main([str(tmp_path / "model.pt"), str(tmp_path / "hf")]) == 0
     hf_class = transformers.AutoModelForMaskedLM if cfg.arch == "encoder" else \
         transformers.AutoModelForSeq2SeqLM
-    assert max_diff(ours, hf_class.from_pretrained(tmp_path / "hf").eval(), cfg) <= 1e-4
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token_id == 3
+    hf = hf_class.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == hf_class_name(cfg)
+    assert max_diff(ours, hf, cfg) <= 1e-4
+    assert max_diff(ours, hf, cfg, padded=True) <= 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.eos_token_id == 3
+    if cfg.arch == "encoder":
+        assert tok.mask_token_id == piece_id(spm_path, "<mask>")
+        # BERT takes token types, ModernBERT does not
+        assert ("token_type_ids" in tok("a", "b")) == (cfg.norm_position == "post")
+    if name == "cpu_encoder":
+        assert hf.config.mask_token_id == tok.mask_token_id
 
 
 def test_export_command_reports_a_config_it_cannot_export(tmp_path: Path,
