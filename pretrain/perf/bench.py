@@ -54,7 +54,7 @@ from torch.profiler import ProfilerActivity, profile
 from pretrain.config import ModelConfig, OptimConfig, ParallelConfig
 from pretrain.data.loader import Batch
 from pretrain.models import build
-from pretrain.models.llama import SDPA_KERNELS, attention_backends, ffn_hidden_dim
+from pretrain.models.llama import SDPA_KERNELS, attention_backends
 from pretrain.models.loss import IGNORE_INDEX, cross_entropy
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import init_model_weights
@@ -304,78 +304,49 @@ def build_module(spec: RowSpec, s: BenchSettings, device: torch.device) -> Train
 
 
 def build_hf(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
-    """transformers' model of the family: a decoder's LlamaForCausalLM holds the very weights
-    our rows start from; BertForMaskedLM and T5ForConditionalGeneration are built from a
-    config of the same shapes with their own random init (speed does not depend on values)."""
-    if cfg.arch in ("encoder", "encoder_decoder"):
-        from transformers import BertForMaskedLM, T5ForConditionalGeneration
+    """transformers' model of the family (`pretrain.interop.hf.hf_class`): a decoder's
+    LlamaForCausalLM holds the very weights our rows start from; the encoder's (BERT or
+    ModernBERT) and the encoder-decoder's (T5) classes are built from the exported config of
+    the same model, without dropout, with their own random init (speed does not depend on
+    values). ModernBERT runs its own sparse prediction (the head on the targets only), as ours."""
+    import transformers
 
-        cls, config = ((BertForMaskedLM, hf_bert_config(cfg)) if cfg.arch == "encoder"
-                       else (T5ForConditionalGeneration, hf_t5_config(cfg)))
+    from pretrain.interop.hf import hf_class, to_hf_config, to_hf_state_dict
+
+    config = to_hf_config(cfg)
+    if cfg.arch in ("encoder", "encoder_decoder"):
+        for name in _HF_DROPOUTS:
+            if hasattr(config, name):
+                setattr(config, name, 0.0)
+        if hasattr(config, "sparse_prediction"):
+            config.sparse_prediction = True
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
-            return cls(config)
-    from transformers import LlamaForCausalLM
-
-    from pretrain.interop.hf import to_hf_config, to_hf_state_dict
-
+            return getattr(transformers, hf_class(cfg))(config)
     reference = build.build_model(cfg, device="meta")
     init_model_weights(reference, cfg, seed, torch.device("cpu"))  # as the train module does
     with torch.device(device):
-        model = LlamaForCausalLM(to_hf_config(cfg))
+        model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(to_hf_state_dict(reference.state_dict(), cfg))
     return model
 
 
-def hf_bert_config(cfg: ModelConfig) -> Any:
-    """BertConfig of an encoder's shapes, without dropout (ours has none)."""
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
-                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                      intermediate_size=ffn_hidden_dim(cfg), hidden_act="gelu",
-                      max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
-                      layer_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-def hf_t5_config(cfg: ModelConfig) -> Any:
-    """T5Config of an encoder-decoder's shapes, without dropout. (transformers 5 always ties
-    lm_head to the shared embedding; an untied config only turns off the output scale.)"""
-    from transformers import T5Config
-
-    return T5Config(vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.head_dim
-                    or cfg.dim // cfg.n_heads, d_ff=ffn_hidden_dim(cfg), num_layers=cfg.n_layers,
-                    num_decoder_layers=cfg.n_decoder_layers or cfg.n_layers,
-                    num_heads=cfg.n_heads, relative_attention_num_buckets=cfg.relative_buckets,
-                    relative_attention_max_distance=cfg.relative_max_distance,
-                    dropout_rate=0.0, layer_norm_epsilon=cfg.norm_eps,
-                    feed_forward_proj="gated-gelu" if cfg.mlp == "gated_gelu" else "relu",
-                    tie_word_embeddings=cfg.tie_embeddings, decoder_start_token_id=0,
-                    pad_token_id=0)
-
-
-# The block options of transformers' encoder (BERT) and encoder-decoder (T5, v1.1 or v1.0).
-_HF_RECIPES = {
-    "encoder": {"norm": ("layer",), "norm_position": ("post",), "bias": (True,),
-                "mlp": ("gelu",), "position": ("learned",)},
-    "encoder_decoder": {"norm": ("rms",), "norm_position": ("pre",), "bias": (False,),
-                        "mlp": ("gated_gelu", "relu"), "scale_attention": (False,)},
-}
+_HF_DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate",
+                "attention_dropout", "embedding_dropout", "mlp_dropout", "classifier_dropout")
 
 
 def hf_mismatch(cfg: ModelConfig) -> str | None:
-    """Why transformers' model of the family cannot have `cfg`'s block options, or None."""
-    recipe = _HF_RECIPES.get(cfg.arch)
-    if recipe is None:
-        return None  # a decoder: `to_hf_config` says what it cannot convert
-    wrong = {k: getattr(cfg, k) for k, allowed in recipe.items() if getattr(cfg, k) not in allowed}
-    if (cfg.n_kv_heads or cfg.n_heads) != cfg.n_heads:
-        wrong["n_kv_heads"] = cfg.n_kv_heads
-    if not wrong:
+    """Why transformers has no class of `cfg`'s block options (the export's refusal), or
+    None. A decoder: `to_hf_config` says what it cannot convert."""
+    if cfg.arch == "decoder":
         return None
-    return (f"model={cfg.name} has {wrong}, which transformers' {cfg.arch} does not "
-            f"(it has {recipe}; no GQA)")
+    from pretrain.interop.hf import check_exportable
+
+    try:
+        check_exportable(cfg)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # Parameter names of HF's token embeddings (Llama, BERT, T5): not decayed, as ours are not.

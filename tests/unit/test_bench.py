@@ -185,7 +185,7 @@ def test_family_settings() -> None:
                                      seq_len=16, batch_size=1, warmup=0, steps=1, device="cpu",
                                      rows=("hf", "+chunked-ce"), memory=False))
     assert [r["row"] for r in report["rows"]] == ["+chunked-ce"]
-    assert "'mlp': 'swiglu'" in report["skipped"]["hf"]
+    assert "model.mlp" in report["skipped"]["hf"]
 
 
 def test_cli_runs_a_preset_of_another_family(capsys: pytest.CaptureFixture[str]) -> None:
