@@ -148,28 +148,27 @@ def _rope_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": params if cfg.rope_scaling_factor else None}
 
 
+def _shared_config(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
+    """The config fields Llama, BERT and ModernBERT name alike."""
+    return dict(architectures=[architecture], vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
+                intermediate_size=ffn_hidden_dim(cfg), num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
+                initializer_range=cfg.init_std, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                eos_token_id=EOS_ID)
+
+
 def _llama_config(cfg: ModelConfig) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=ffn_hidden_dim(cfg),
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
+        **_shared_config(cfg, "LlamaForCausalLM"),
         num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
         head_dim=_head_dim(cfg),
         hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        initializer_range=cfg.init_std,
         rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=cfg.bias,
         mlp_bias=cfg.bias,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
         **_rope_kwargs(cfg),
     )
 
@@ -178,21 +177,11 @@ def _bert_config(cfg: ModelConfig) -> Any:
     from transformers import BertConfig
 
     return BertConfig(
-        architectures=["BertForMaskedLM"],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        intermediate_size=ffn_hidden_dim(cfg),
+        **_shared_config(cfg, "BertForMaskedLM"),
         hidden_act="gelu",  # exact (erf) GELU, ours for mlp=gelu and in the masked-LM head
-        max_position_embeddings=cfg.max_seq_len,
         type_vocab_size=cfg.type_vocab_size,
-        initializer_range=cfg.init_std,
         layer_norm_eps=cfg.norm_eps,
         tie_word_embeddings=True,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
     )
 
 
@@ -214,16 +203,9 @@ def _modern_bert_config(cfg: ModelConfig, mask_token_id: int | None) -> Any:
         layout = {"global_attn_every_n_layers": 1, "global_rope_theta": cfg.rope_theta,
                   "local_rope_theta": cfg.rope_theta}
     return ModernBertConfig(
-        architectures=[_MODERN_BERT],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=ffn_hidden_dim(cfg),
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
+        **_shared_config(cfg, _MODERN_BERT),
         hidden_activation="gelu",  # exact (erf) GELU: ours for mlp=geglu and in the head
         classifier_activation="gelu",
-        max_position_embeddings=cfg.max_seq_len,
-        initializer_range=cfg.init_std,
         norm_eps=cfg.norm_eps,
         norm_bias=cfg.bias,
         attention_bias=cfg.bias,
@@ -236,9 +218,6 @@ def _modern_bert_config(cfg: ModelConfig, mask_token_id: int | None) -> Any:
         classifier_dropout=0.0,
         sparse_prediction=False,  # logits at every position
         tie_word_embeddings=True,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
         cls_token_id=BOS_ID,
         sep_token_id=EOS_ID,
         mask_token_id=mask_token_id,

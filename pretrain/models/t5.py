@@ -56,6 +56,13 @@ def relative_buckets(relative: Tensor, *, bidirectional: bool, n_buckets: int,
     return bucket + torch.where(distance < exact, distance, far)
 
 
+EMBEDDING_STD = 1.0
+"""T5 draws its shared embedding from N(0, 1): the tied output divides by sqrt(dim), so the
+first logits have unit scale. At the decoder's 0.02 they start ~50x smaller and learn slowly:
+the CPU main job (`objective=span model=cpu_t5`, lr 2e-3) stood at validation loss 5.90 after
+400 steps, against 5.30 with N(0, 1)."""
+
+
 class RelativeBias(nn.Module):
     """A learned scalar per (bucket, head), added to the attention scores."""
 
@@ -170,7 +177,7 @@ class EncoderDecoder(nn.Module):
 
     def init_weights(self, buffer_device: torch.device | None = None, *,
                      seed: int | None = None) -> None:
-        """Embedding and relative biases ~ N(0, init_std), blocks as the decoder's (wq scaled
+        """Embedding ~ N(0, 1) (T5), relative biases ~ N(0, init_std), blocks as the decoder's (wq scaled
         down by sqrt(head_dim), T5's unscaled attention), norms 1; an untied output ~ N(0,
         dim^-0.5) cut at +-3 std. Seeded per name."""
         cfg = self.config
@@ -178,7 +185,7 @@ class EncoderDecoder(nn.Module):
             seed = draw_init_seed()
         self.tie_weights()
         if self.tok_embeddings is not None:
-            _normal_(self.tok_embeddings.weight, cfg.init_std, _child_seed(seed, "tok_embeddings"))
+            _normal_(self.tok_embeddings.weight, EMBEDDING_STD, _child_seed(seed, "tok_embeddings"))
         for name in ("relative_bias", "decoder_relative_bias"):
             module = getattr(self, name)
             if module is not None:
@@ -188,7 +195,7 @@ class EncoderDecoder(nn.Module):
             if module is not None:
                 module.reset_parameters()
         if self.output is not None and cfg.tie_embeddings and self.tok_embeddings is None:
-            _normal_(self.output.weight, cfg.init_std, _child_seed(seed, "tok_embeddings"))
+            _normal_(self.output.weight, EMBEDDING_STD, _child_seed(seed, "tok_embeddings"))
         elif self.output is not None and not cfg.tie_embeddings:
             _normal_(self.output.weight, cfg.dim**-0.5, _child_seed(seed, "output"),
                      truncate=True)

@@ -175,3 +175,28 @@ def test_sweep_preset_through_pretrain_launch(cache_dir: Path, tmp_path: Path) -
     assert job.summary["status"] == "completed"
     assert job.summary["sweep"]["budget"] == ISO_BUDGETS[0]
     assert job.cfg["logging"]["group"] == f"cpu_tiny-{sweep_dir.name}"
+
+
+@pytest.mark.parametrize(("objective", "arch"), [("mlm", "encoder"), ("span", "encoder_decoder")])
+def test_objective_sweep_presets_train_their_family_and_fit(
+    objective: str, arch: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    """`+sweep=cpu_tiny_<objective>`: the ladder in the objective's family, each run spending
+    its budget at the objective's FLOPs per token; the fit reads their validation losses."""
+    sweep_dir = _run("launch.train", tmp_path / "runs", cache_dir, f"+sweep=cpu_tiny_{objective}",
+                     f"model={','.join(ISO_SIZES)}",
+                     f"flops_budget={','.join(map(str, ISO_BUDGETS))}")
+    jobs = _jobs(sweep_dir)
+    assert len(jobs) == len(ISO_SIZES) * len(ISO_BUDGETS)
+    for job in jobs:
+        s = job.summary
+        assert (s["status"], s["objective"], s["arch"]) == ("completed", objective, arch)
+        assert s["sweep"]["sweep"] == f"cpu_tiny_{objective}"
+        assert s["flops"] <= job.cfg["flops_budget"] and s["final_val_loss"] is not None
+        assert s["final_eval"]["val/loss"] == s["final_val_loss"]
+    proc = _fit(sweep_dir, tmp_path / "fit", "--budget", "1e15")
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert len(fit["runs"]) == 6 and fit["skipped"] == []
+    assert fit["parametric"]["n_runs"] == 6
+    assert fit["recommendation"]["n_opt"] > 0
