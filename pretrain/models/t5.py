@@ -177,9 +177,9 @@ class EncoderDecoder(nn.Module):
 
     def init_weights(self, buffer_device: torch.device | None = None, *,
                      seed: int | None = None) -> None:
-        """Embedding ~ N(0, 1) (T5), relative biases ~ N(0, init_std), blocks as the decoder's (wq scaled
-        down by sqrt(head_dim), T5's unscaled attention), norms 1; an untied output ~ N(0,
-        dim^-0.5) cut at +-3 std. Seeded per name."""
+        """Embedding ~ N(0, 1) (T5), relative biases ~ N(0, init_std), blocks as the decoder's
+        (wq scaled down by sqrt(head_dim): T5's unscaled attention), norms 1; an untied output
+        ~ N(0, dim^-0.5) cut at +-3 std. Seeded per name."""
         cfg = self.config
         if seed is None:
             seed = draw_init_seed()

@@ -18,6 +18,7 @@ and unmaps it when freed): `measure_cpu_peak_in_subprocess` does so.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ import torch
 from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from pretrain.data.loader import Batch
 from pretrain.parallel.dims import ParallelDims
+from pretrain.train.host import trim_heap
 from pretrain.train.module import StepSettings, build_train_module
 
 _CPU = torch.device("cpu")
@@ -55,6 +57,8 @@ def _measure(model: ModelConfig, optim: OptimConfig, parallel: ParallelConfig,
     shape = (settings.micro_batch_size, seq_len)
     batch = Batch(torch.randint(0, model.vocab_size, shape, generator=gen),
                   torch.randint(0, model.vocab_size, shape, generator=gen))
+    gc.collect()
+    trim_heap()  # freed heap pages left resident by earlier work would hide the growth
     _reset_peak_rss()
     base = _proc_status_bytes("VmRSS")
     module = build_train_module(model=model, optim=optim, parallel=parallel, settings=settings,

@@ -5,8 +5,9 @@ A checkpoint fixes the parameter set and shapes (and with them the optimizer sta
 backend that wrote it. A config that changes any of them would load partially, fail deep in
 the loader, or, worst, train on and prune the checkpoints it was meant to continue; so such a
 resume is refused with the field, both values and the fix. Fields that change neither (init,
-RoPE, norm epsilon, max_seq_len unless positions are learned: the RoPE table is not saved) may change on resume, and so may
-the layout within a backend (checkpoints reshard). Data changes are the loader's to judge.
+RoPE, norm epsilon, max_seq_len unless positions are learned: the RoPE table is not saved)
+may change on resume, and so may the layout within a backend (checkpoints reshard). Data
+changes are the loader's to judge.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ SHAPE_FIELDS = ("arch", "dim", "n_layers", "n_decoder_layers", "n_heads", "n_kv_
                 "head_dim", "vocab_size", "tie_embeddings", "norm", "bias", "mlp", "position",
                 "type_vocab_size", "relative_buckets", "max_seq_len")
 """ModelConfig fields that change a parameter's shape or meaning, or the parameter set."""
+_DERIVED = ("head_dim", "n_decoder_layers")
+"""Fields whose null means "follow another field" (dim // n_heads, n_layers)."""
 FFN_FIELDS = ("ffn_hidden_dim", "multiple_of", "ffn_dim_multiplier")
 """Fields that together give the SwiGLU hidden size; a change that keeps the size is fine."""
 
@@ -47,6 +50,8 @@ def model_mismatches(now: ModelConfig, saved: dict[str, Any]) -> list[tuple[str,
     found = []
     for name in SHAPE_FIELDS:
         if name in saved and _shaping(now, name) != _shaping(old, name):
+            if name in _DERIVED and getattr(now, name) == saved[name]:
+                continue  # both follow another field (dim, n_layers), which is reported
             found.append((name, getattr(now, name), saved[name]))
     if ffn_hidden_dim(now) != ffn_hidden_dim(old):
         found += [(name, getattr(now, name), saved[name]) for name in FFN_FIELDS
