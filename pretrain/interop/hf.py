@@ -339,14 +339,7 @@ def _from_bert(hf_cfg: Any, name: str) -> ModelConfig:
          f"hidden_size {hf_cfg.hidden_size} not divisible by the heads"),
     ], "pretrain's encoder is BERT's recipe (exact GELU, absolute positions, tied head)")
     return ModelConfig(
-        name=name,
-        arch="encoder",
-        dim=hf_cfg.hidden_size,
-        n_layers=hf_cfg.num_hidden_layers,
-        n_heads=hf_cfg.num_attention_heads,
-        vocab_size=hf_cfg.vocab_size,
-        ffn_hidden_dim=hf_cfg.intermediate_size,
-        norm="layer",
+        **_encoder_shape(hf_cfg, name),
         norm_position="post",
         norm_eps=hf_cfg.layer_norm_eps,
         bias=True,
@@ -354,9 +347,15 @@ def _from_bert(hf_cfg: Any, name: str) -> ModelConfig:
         position="learned",
         type_vocab_size=hf_cfg.type_vocab_size,
         max_seq_len=hf_cfg.max_position_embeddings - _position_offset(hf_cfg),
-        tie_embeddings=True,
-        init_std=hf_cfg.initializer_range,
     )
+
+
+def _encoder_shape(hf_cfg: Any, name: str) -> dict[str, Any]:
+    """The ModelConfig fields BERT's and ModernBERT's configs give alike."""
+    return dict(name=name, arch="encoder", dim=hf_cfg.hidden_size,
+                n_layers=hf_cfg.num_hidden_layers, n_heads=hf_cfg.num_attention_heads,
+                vocab_size=hf_cfg.vocab_size, ffn_hidden_dim=hf_cfg.intermediate_size,
+                norm="layer", tie_embeddings=True, init_std=hf_cfg.initializer_range)
 
 
 def _modern_bert_layout(hf_cfg: Any) -> tuple[list[str], dict[str, Any]]:
@@ -398,14 +397,7 @@ def _from_modern_bert(hf_cfg: Any, name: str) -> ModelConfig:
     ], "pretrain's pre-norm encoder is ModernBERT with every layer global attention, exact "
        "GELU, biases in all projections and norms or none, a tied head with a bias")
     return ModelConfig(
-        name=name,
-        arch="encoder",
-        dim=hf_cfg.hidden_size,
-        n_layers=hf_cfg.num_hidden_layers,
-        n_heads=hf_cfg.num_attention_heads,
-        vocab_size=hf_cfg.vocab_size,
-        ffn_hidden_dim=hf_cfg.intermediate_size,
-        norm="layer",
+        **_encoder_shape(hf_cfg, name),
         norm_position="pre",
         norm_eps=hf_cfg.norm_eps,
         bias=bias,
@@ -413,8 +405,6 @@ def _from_modern_bert(hf_cfg: Any, name: str) -> ModelConfig:
         position="rope",
         rope_theta=float(rope["rope_theta"]),
         max_seq_len=hf_cfg.max_position_embeddings,
-        tie_embeddings=True,
-        init_std=hf_cfg.initializer_range,
     )
 
 
