@@ -4,6 +4,7 @@ exactly as users start it)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -88,3 +89,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def step_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file below `root`, by relative path: what a refused start must leave
+    byte for byte as it was (config.yaml, .hydra/*, checkpoints/**, caches)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refusal_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a refused start (exit status 2, no traceback)."""
+    assert proc.returncode == 2, f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]

@@ -34,6 +34,7 @@ from pretrain.models.llama import (
     draw_init_seed,
     make_norm,
     rope_table,
+    tie_output,
 )
 from pretrain.models.loss import IGNORE_INDEX
 
@@ -135,7 +136,5 @@ class Encoder(nn.Module):
 
     def tie_weights(self) -> None:
         """Restore output.weight is tok_embeddings.weight (`to_empty` unties them)."""
-        if self.tok_embeddings is not None and self.output is not None:
-            if self.output.weight is not self.tok_embeddings.weight:
-                self.output.weight = self.tok_embeddings.weight
+        tie_output(self)
 

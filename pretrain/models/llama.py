@@ -54,6 +54,7 @@ __all__ = [
     "flops_per_token",
     "rope_frequencies",
     "rope_table",
+    "tie_output",
 ]
 
 
@@ -677,10 +678,16 @@ class Transformer(nn.Module):
         """`to_empty` from the meta device allocates each module's parameters separately and so
         unties shared weights; restore the tie (before initializing, or before copying
         weights in)."""
-        embeddings, output = self.tok_embeddings, self.output
-        if self.config.tie_embeddings and embeddings is not None and output is not None:
-            if output.weight is not embeddings.weight:
-                output.weight = embeddings.weight
+        tie_output(self)
+
+
+def tie_output(model: nn.Module) -> None:
+    """Make `model.output.weight` `model.tok_embeddings.weight` again when the config ties
+    them and the part holds both (every family: `to_empty` allocates them separately)."""
+    embeddings, output = model.tok_embeddings, model.output
+    if model.config.tie_embeddings and embeddings is not None and output is not None:
+        if output.weight is not embeddings.weight:
+            output.weight = embeddings.weight
 
 
 def check_initialized(model: nn.Module) -> None:

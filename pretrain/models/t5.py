@@ -29,6 +29,7 @@ from pretrain.models.llama import (
     _normal_,
     draw_init_seed,
     make_norm,
+    tie_output,
 )
 from pretrain.models.loss import linear_cross_entropy
 
@@ -205,10 +206,7 @@ class EncoderDecoder(nn.Module):
 
     def tie_weights(self) -> None:
         """Restore output.weight is tok_embeddings.weight (`to_empty` unties them)."""
-        embeddings, output = self.tok_embeddings, self.output
-        if self.config.tie_embeddings and embeddings is not None and output is not None:
-            if output.weight is not embeddings.weight:
-                output.weight = embeddings.weight
+        tie_output(self)
 
 
 __all__ = ["EncoderDecoder", "RelativeBias", "relative_buckets"]

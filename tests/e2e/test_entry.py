@@ -4,30 +4,14 @@ no directory behind. Everything goes through the installed console scripts."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, console_script, run_train, train_env
+from tests.conftest import TINY, console_script, file_digests, refusal_line, run_train, train_env
 
 BASE = ("steps=4", "ckpt_every=2", "eval_every=0")
-
-
-def _digest(run_dir: Path) -> dict[str, str]:
-    """Every file of the run (config.yaml, .hydra/*, checkpoints/**, metrics, summary)."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
-def _refusal(proc: subprocess.CompletedProcess) -> str:
-    """The one `error:` line of a refused start (exit status 2, no traceback)."""
-    assert proc.returncode == 2, f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
 
 
 def _launch(cache_dir: Path, out: Path, name: str, *overrides: str,
@@ -63,12 +47,12 @@ def base_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_both_apps_refuse_before_writing(cache_dir: Path, base_run: Path, app: str,
                                          overrides: list[str], message: str) -> None:
     """Hydra applies `+key=` additions past the typed schema; the entry refuses them."""
-    before = _digest(base_run)
+    before = file_digests(base_run)
     run = run_train if app == "pretrain-train" else _launch
     for name in ("base", "fresh"):
         proc = run(cache_dir, base_run.parent, name, *BASE, *overrides, check=False)
-        assert message in _refusal(proc), proc.stderr
-    assert _digest(base_run) == before
+        assert message in refusal_line(proc), proc.stderr
+    assert file_digests(base_run) == before
     assert not (base_run.parent / "fresh").exists()
 
 
@@ -94,14 +78,14 @@ def test_open_maps_take_new_keys(cache_dir: Path, tmp_path: Path) -> None:
 )
 def test_a_refused_resume_leaves_the_run_untouched(cache_dir: Path, base_run: Path,
                                                   override: str, message: str) -> None:
-    before = _digest(base_run)
+    before = file_digests(base_run)
     proc = run_train(cache_dir, base_run.parent, "base", *BASE, "steps=6", override,
                      check=False)
-    line = _refusal(proc)
+    line = refusal_line(proc)
     assert message in line, line
     if override.startswith("model.n_layers"):
         assert "step_00000004 was written with 2; restore model.n_layers=2" in line, line
-    assert _digest(base_run) == before
+    assert file_digests(base_run) == before
 
 
 def test_a_resume_that_keeps_the_shapes_goes_on(cache_dir: Path, tmp_path: Path) -> None:
@@ -118,19 +102,19 @@ def test_a_resume_that_keeps_the_shapes_goes_on(cache_dir: Path, tmp_path: Path)
 def test_a_checkpoint_of_the_other_backend_is_refused(cache_dir: Path, base_run: Path,
                                                       tmp_path: Path) -> None:
     # A native checkpoint under the DeepSpeed backend (ranks started by torchrun).
-    before = _digest(base_run)
+    before = file_digests(base_run)
     proc = _launch(cache_dir, base_run.parent, "base", *BASE, "steps=6", "parallel=zero1",
                    "launcher=torchrun", "launcher.nproc_per_node=2", check=False)
     assert proc.returncode != 0
     assert ("error: resume refused: parallel.backend is deepspeed but checkpoint "
             in proc.stderr), proc.stderr
     assert "was written with native; restore parallel.backend=native" in proc.stderr
-    assert _digest(base_run) == before
+    assert file_digests(base_run) == before
 
     # A DeepSpeed checkpoint under the native backend.
     _launch(cache_dir, tmp_path, "ds", "steps=1", "eval_every=0", "parallel=zero1",
             "launcher=torchrun", "launcher.nproc_per_node=2")
-    before = _digest(tmp_path / "ds")
+    before = file_digests(tmp_path / "ds")
     proc = run_train(cache_dir, tmp_path, "ds", "steps=2", "eval_every=0", check=False)
-    assert "parallel.backend is native but checkpoint" in _refusal(proc)
-    assert _digest(tmp_path / "ds") == before
+    assert "parallel.backend is native but checkpoint" in refusal_line(proc)
+    assert file_digests(tmp_path / "ds") == before

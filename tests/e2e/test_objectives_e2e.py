@@ -5,7 +5,6 @@ shared by the tests of this module (metrics, exact resume, refusals, generation,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -18,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import console_script, read_metrics, run_train, step_losses, train_env
+from tests.conftest import (
+    console_script,
+    file_digests,
+    read_metrics,
+    refusal_line,
+    run_train,
+    step_losses,
+    train_env,
+)
 
 STEPS = 12
 HALF = STEPS // 2
@@ -78,20 +85,6 @@ def trained(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
         return result
 
     return get
-
-
-def _digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def _refusal(proc: subprocess.CompletedProcess) -> str:
-    """The one `error:` line of a refused start (exit status 2, no traceback)."""
-    assert proc.returncode == 2, f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
 
 
 def _val_records(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -181,14 +174,14 @@ def test_objective_and_family_must_match(cache_dir: Path, trained: Callable[[str
     """Refused before any work: an existing run of that name is byte-identical after, and a new
     name leaves no directory."""
     run_dir = trained(target)
-    before = _digest(run_dir)
+    before = file_digests(run_dir)
     for name in (target, "fresh"):
         proc = run_train(cache_dir, run_dir.parent, name, *COMMON, *overrides, check=False,
                          timeout=120)
-        line = _refusal(proc)
+        line = refusal_line(proc)
         for needle in needles:
             assert needle in line, line
-    assert _digest(run_dir) == before
+    assert file_digests(run_dir) == before
     assert not (run_dir.parent / "fresh").exists()
 
 
@@ -217,27 +210,27 @@ def test_a_tokenizer_without_the_special_pieces_is_refused(
     """Before any data is prepared with it (the cache is untouched) and before a run dir is
     written; the message names the tokenizer, what it lacks and how to re-train it."""
     run_dir = trained(name)
-    before, cache_before = _digest(run_dir), _digest(cache_dir)
+    before, cache_before = file_digests(run_dir), file_digests(cache_dir)
     for run_name in (name, "fresh"):
         proc = run_train(cache_dir, run_dir.parent, run_name, *_overrides(name),
                          f"data.tokenizer={plain_tokenizer}", check=False, timeout=120)
-        line = _refusal(proc)
+        line = refusal_line(proc)
         assert str(plain_tokenizer) in line and missing in line, line
         assert "re-train it with `pretrain-train-tokenizer`" in line, line
-    assert _digest(run_dir) == before
-    assert _digest(cache_dir) == cache_before
+    assert file_digests(run_dir) == before
+    assert file_digests(cache_dir) == cache_before
     assert not (run_dir.parent / "fresh").exists()
 
 
 def test_a_mixture_with_such_a_tokenizer_is_refused_before_preparing(
     cache_dir: Path, plain_tokenizer: Path, tmp_path: Path,
 ) -> None:
-    cache_before = _digest(cache_dir)
+    cache_before = file_digests(cache_dir)
     proc = run_train(cache_dir, tmp_path, "mix", *_overrides("mlm"),
                      "data.mix={code: {source: builtin, weight: 1}}",
                      f"data.tokenizer={plain_tokenizer}", check=False, timeout=120)
-    assert "(1 missing: <mask>)" in _refusal(proc)
-    assert _digest(cache_dir) == cache_before
+    assert "(1 missing: <mask>)" in refusal_line(proc)
+    assert file_digests(cache_dir) == cache_before
     assert not (tmp_path / "mix").exists()
 
 
