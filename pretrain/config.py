@@ -342,6 +342,32 @@ class FaultInjectionConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on chosen linear layers: W x + (alpha / rank) B A x,
+    with the base weights frozen (no gradients, no optimizer state)."""
+
+    rank: int = 0
+    """Adapter rank r (0: no LoRA, the whole model trains)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's output is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+    """Linear layers that get adapters, by their module name: any of wq, wk, wv, wo, w1, w2, w3."""
+
+
+@dataclass
+class QuantConfig:
+    """Quantization-aware training (torchao): fake-quantized linears while training, converted
+    to the real quantized layers at the end."""
+
+    qat: str | None = None
+    """None (off) or a torchao QAT scheme, e.g. 'int8_dynamic_act_int4_weight'."""
+    group_size: int = 32
+    """Weight quantization group size (int4 schemes)."""
+
+
+@dataclass
 class TrainConfig:
     """The root config of one training run."""
 
@@ -352,6 +378,8 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     run_name: str = "${default_run_name:}"
     """Run directory name under output_root; resume=auto looks for checkpoints there. The
@@ -407,6 +435,11 @@ class TrainConfig:
     """Also checkpoint when this many seconds passed since the last one (0: off)."""
     ckpt_async: bool = False
     """Write checkpoints in a background thread; training continues meanwhile."""
+    init_from: str | None = None
+    """Start from these weights instead of a random initialization: a local Hugging Face
+    LLaMA directory (config.json, safetensors, tokenizer) or a checkpoint of ours. The model
+    config comes from it; the optimizer and schedule start fresh. A resumable checkpoint in the
+    run directory wins (the run resumes as any other)."""
     resume: str = "auto"
     """'auto' (latest good checkpoint in the run directory), 'none', or a checkpoint path."""
     time_limit_s: float = 0.0
