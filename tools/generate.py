@@ -3,6 +3,10 @@
     decoder          continue a prompt, or fill in the middle (a run trained with objective=fim):
                        pretrain-generate runs/NAME --prompt "def " --max-new-tokens 64 --top-k 50
                        pretrain-generate runs/NAME --prefix "def add(a, b):" --suffix "\\n\\n"
+                     many prompts at once (one per line, or .jsonl with a "prompt" field),
+                     one JSON line per prompt, in input order:
+                       pretrain-generate runs/NAME --prompts-file prompts.txt --batch-size 16
+                       pretrain-generate runs/NAME --prompts-file prompts.txt --benchmark
     encoder          fill each <mask> of the prompt; prints the text and the top-k per mask:
                        pretrain-generate runs/BERT --prompt "The <mask> sat on the mat." --top-k 5
     encoder_decoder  decode from the prompt, which may hold T5 sentinels (<extra_id_0>, ...):
@@ -15,7 +19,10 @@ cache; --temperature 0 is greedy.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +35,11 @@ from pretrain.eval.generate import (
     encode_with_specials,
     fill_mask_text,
     generate,
+    generate_many,
     generate_seq2seq,
     infill,
+    read_prompts,
+    time_batch_sizes,
 )
 from pretrain.train.checkpoint import load_trainer_state, resolve_checkpoint
 from pretrain.train.consolidate import load_model_from_checkpoint
@@ -37,6 +47,7 @@ from pretrain.train.consolidate import load_model_from_checkpoint
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_TOP_K_MASKS = 5
+DEFAULT_BATCH_SIZE = 16
 _SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "seed", "no_cache")
 
 
@@ -64,12 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
     p.add_argument("--no-cache", action="store_true", default=None,
                    help="recompute the prefix every step")
+    p.add_argument("--prompts-file", type=Path,
+                   help="decoder: continue every prompt of this file, many at once (one prompt "
+                        "per line; a .jsonl file: one object with a \"prompt\" field per line)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"with --prompts-file: prompts per batch (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--out", type=Path,
+                   help="with --prompts-file: write the JSON lines here (default stdout)")
+    p.add_argument("--benchmark", action="store_true",
+                   help="with --prompts-file: print tokens/s at batch size 1 and --batch-size "
+                        "instead of the completions")
     return p
 
 
 def check_flags(args: argparse.Namespace, arch: str) -> None:
     """UsageError, in one line, for flags that mean nothing to the model family `arch`."""
     infilling = args.prefix is not None or args.suffix is not None
+    _check_batch_flags(args, arch, infilling)
     if arch == "decoder":
         if infilling and args.prompt:
             raise UsageError("--prompt continues a text, --prefix/--suffix fill in a middle; "
@@ -94,13 +116,38 @@ def check_flags(args: argparse.Namespace, arch: str) -> None:
                                  "encoder should predict a token")
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    seed = 0 if args.seed is None else args.seed
+def _check_batch_flags(args: argparse.Namespace, arch: str, infilling: bool) -> None:
+    if args.prompts_file is None:
+        given = [flag for flag, value in (("--batch-size", args.batch_size), ("--out", args.out),
+                                          ("--benchmark", args.benchmark or None))
+                 if value is not None]
+        if given:
+            raise UsageError(f"{' '.join(given)} go with --prompts-file F; add it, or drop them")
+        return
+    if arch != "decoder":
+        raise UsageError(f"--prompts-file batches decoder generation; this checkpoint is an "
+                         f"{arch}: give its inputs with --prompt")
+    if args.prompt or infilling:
+        raise UsageError("--prompts-file takes the prompts from the file; drop "
+                         "--prompt/--prefix/--suffix")
+    if args.no_cache:
+        raise UsageError("--no-cache: batched generation always decodes through the KV cache; "
+                         "drop it (or use --prompt)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}; use a positive integer")
+
+
+def _decoding(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
-        top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
-        generator=torch.Generator().manual_seed(seed))
+        top_k=args.top_k, top_p=args.top_p)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    seed = 0 if args.seed is None else args.seed
+    return dict(**_decoding(args), use_cache=not args.no_cache,
+                generator=torch.Generator().manual_seed(seed))
 
 
 def run_decoder(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
@@ -121,6 +168,45 @@ def run_decoder(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
                     eos_id=tok.eos_id, **sampling)
     text = tok.decode(middle)
     print(f"--- middle\n{text}\n--- {prefix!r} + middle + {suffix!r}\n{prefix}{text}{suffix}")
+
+
+def run_batched(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
+                records: list[dict[str, Any]]) -> None:
+    """Every prompt of the file, `--batch-size` at a time: one JSON line per prompt, in input
+    order, or with --benchmark the tokens/s of batch size 1 against --batch-size."""
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    prompts = [tok.encode(r["prompt"], bos=True) for r in records]
+    kwargs = dict(**_decoding(args), eos_id=tok.eos_id, pad_id=tok.pad_id,
+                  seed=0 if args.seed is None else args.seed)
+    if args.benchmark:
+        timings, same = time_batch_sizes(model, prompts, sorted({1, batch_size}), **kwargs)
+        print(f"{len(prompts)} prompts, max_new_tokens={kwargs['max_new_tokens']}, "
+              f"temperature={kwargs['temperature']}, {torch.get_num_threads()} threads")
+        print("| batch size | new tokens | seconds | tokens/s | vs batch 1 |")
+        print("|---:|---:|---:|---:|---:|")
+        for t in timings:
+            print(f"| {t.batch_size} | {t.new_tokens} | {t.seconds:.2f} | "
+                  f"{t.tokens_per_s:.0f} | {t.tokens_per_s / timings[0].tokens_per_s:.2f}x |")
+        print(f"same completions at every batch size: {'yes' if same else 'NO'}")
+        return
+    start = time.perf_counter()
+    outputs = generate_many(model, prompts, batch_size=batch_size, **kwargs)
+    seconds = time.perf_counter() - start
+    max_len = model.config.max_seq_len
+    lines = []
+    for record, ids, new in zip(records, prompts, outputs):
+        cap = min(kwargs["max_new_tokens"], max_len - len(ids))
+        lines.append(json.dumps({**record, "completion": tok.decode(new),
+                                 "new_tokens": len(new),
+                                 "finish_reason": "length" if len(new) == cap else "stop"}))
+    text = "".join(line + "\n" for line in lines)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+    n_new = sum(map(len, outputs))
+    print(f"{len(records)} prompts, {n_new} new tokens in {seconds:.1f} s "
+          f"({n_new / seconds:.0f} tokens/s, batch size {batch_size})", file=sys.stderr)
 
 
 def run_encoder(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
@@ -161,10 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"checkpoint model.arch={arch!r}; pretrain-generate knows "
                              f"{', '.join(RUNNERS)}")
         check_flags(args, arch)  # before the weights are read
+        records = read_prompts(args.prompts_file) if args.prompts_file is not None else None
         model, state = load_model_from_checkpoint(args.checkpoint)
         tokenizer = Tokenizer.load(args.tokenizer or state["tokenizer_path"])
         model.eval()
-        RUNNERS[arch](model, tokenizer, args, state)
+        if records is not None:
+            run_batched(model, tokenizer, args, records)
+        else:
+            RUNNERS[arch](model, tokenizer, args, state)
     except (PretrainError, ValueError) as e:  # user errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """Generation from every model family: greedy, temperature, top-k, top-p (nucleus).
 
-    decoder          `generate` continues a prompt; `infill` writes a FIM middle between a
-                     prefix and a suffix (`infill_exact_match`: the training-time metric)
+    decoder          `generate` continues a prompt; `generate_batch` / `generate_many` continue
+                     many at once (left-padded, one KV cache); `infill` writes a FIM middle
+                     between a prefix and a suffix (`infill_exact_match`: the training-time
+                     metric)
     encoder          `fill_masks` predicts the <mask> positions (`fill_mask_text` on text)
     encoder_decoder  `generate_seq2seq` decodes from an encoded input (T5: start at pad, stop at
                      EOS), the encoder and the cross-attention keys computed once
@@ -14,10 +16,14 @@ text, which plain encoding never turns into their ids.
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -32,6 +38,7 @@ if TYPE_CHECKING:
     from pretrain.data.tokenizer import FimIds, Tokenizer
 
 __all__ = [
+    "BatchTiming",
     "InfillDoc",
     "MaskPrediction",
     "decode_with_specials",
@@ -41,10 +48,15 @@ __all__ = [
     "filter_logits",
     "fim_prompt",
     "generate",
+    "generate_batch",
+    "generate_many",
     "generate_seq2seq",
     "infill",
     "infill_exact_match",
+    "prefill",
+    "read_prompts",
     "sample_logits",
+    "time_batch_sizes",
 ]
 
 
@@ -143,6 +155,202 @@ def generate(
         context = torch.cat([context, token], dim=1)
         step_input = token if use_cache else context
     return new_ids
+
+
+# -- many prompts at once (decoder) ------------------------------------------------------------
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], max_len: int) -> None:
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; start from at least one token (e.g. BOS)")
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, which leaves no room under "
+                             f"model.max_seq_len={max_len}; shorten the prompt")
+
+
+def _sample_rows(logits: Tensor, rows: list[int], generators: Sequence[torch.Generator] | None,
+                 **sampling: Any) -> Tensor:
+    """One token per row of `logits` (b, vocab) -> (b,); row i draws from the generator of
+    prompt rows[i], so a prompt's sample does not depend on the others in its batch."""
+    if sampling["temperature"] == 0 or generators is None:
+        return sample_logits(logits, **sampling)
+    return torch.cat([sample_logits(logits[i : i + 1], generator=generators[r], **sampling)
+                      for i, r in enumerate(rows)])
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
+    generators: Sequence[torch.Generator] | None = None,
+    pad_id: int = PAD_ID,
+) -> list[list[int]]:
+    """`generate` for a batch of prompts at once, through one KV cache; return each prompt's
+    new tokens, in order.
+
+    The prompts are left-padded with `pad_id` to the longest: each row's rotary positions start
+    at 0 at its first real token, and the cache's key mask keeps every query off the padding,
+    in the prefill and at every step. Each row stops as `generate` would (`max_new_tokens`,
+    `model.config.max_seq_len`, `eos_id` or `stop_ids`; the stop token is not returned) and
+    leaves the batch, which ends when no row is left. Greedy (temperature 0) gives
+    `generate`'s tokens for every prompt. `generators`: one per prompt, so that a prompt's
+    samples equal `generate`'s with that generator (None: one global stream for the batch).
+    """
+    max_len = model.config.max_seq_len
+    _check_prompts(prompts, max_len)
+    if generators is not None and len(generators) != len(prompts):
+        raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts; give one "
+                         "per prompt or None")
+    if not prompts or max_new_tokens < 1:
+        return [[] for _ in prompts]
+    caps = [min(max_new_tokens, max_len - len(ids)) for ids in prompts]
+    logits, cache, positions = prefill(model, prompts, max_new_tokens=max(caps), pad_id=pad_id)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    rows = list(range(len(prompts)))  # the prompt index of each row still in the batch
+    new: list[list[int]] = [[] for _ in prompts]
+    while True:
+        next_ids = _sample_rows(logits, rows, generators, **sampling)  # (b,)
+        live = []
+        for i, (r, token) in enumerate(zip(rows, next_ids.tolist())):
+            if token == eos_id or token in stop_ids:
+                continue
+            new[r].append(token)
+            if len(new[r]) < caps[r]:
+                live.append(i)
+        if len(live) < len(rows):  # finished rows leave: no more work on them
+            keep = torch.tensor(live, dtype=torch.long, device=logits.device)
+            cache.keep_rows(keep)
+            rows = [rows[i] for i in live]
+            next_ids, positions = next_ids[keep], positions[keep]
+        if not rows:
+            return new
+        positions = positions[:, -1:] + 1  # (b, 1)
+        logits = model(next_ids[:, None], positions=positions, kv_cache=cache)[:, -1]
+
+
+def prefill(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+            pad_id: int = PAD_ID) -> tuple[Tensor, KVCache, Tensor]:
+    """Run the left-padded prompts (B, P) through `model` into a new KV cache with room for
+    `max_new_tokens` more; return the next-token logits (B, vocab), the cache (its key mask
+    marks the padding) and each row's rotary positions (B, P), which start at 0 at the row's
+    first token (the padding before it repeats 0: it is never attended)."""
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(ids) for ids in prompts], device=device)  # (B,)
+    P, B = int(lengths.max()), len(prompts)
+    pads = P - lengths  # (B,) left padding of each row
+    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    for b, ids in enumerate(prompts):
+        tokens[b, P - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
+    cache = KVCache.for_model(model, batch_size=B, max_len=P + max_new_tokens)
+    slots = torch.arange(P + max_new_tokens, device=device)
+    cache.key_mask = slots[None, :] >= pads[:, None]  # (B, P + max_new_tokens) True: a token
+    positions = (slots[None, :P] - pads[:, None]).clamp(min=0)  # (B, P)
+    logits = model(tokens, positions=positions, kv_cache=cache)[:, -1]  # (B, vocab)
+    return logits, cache, positions
+
+
+def generate_many(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> list[list[int]]:
+    """`generate_batch` over `prompts` in batches of `batch_size`; return each prompt's new
+    tokens in input order. Prompts of similar length are batched together (less padding).
+    With a `seed`, prompt i samples from its own generator seeded `seed + i`: its text then
+    does not depend on the batch size or on the other prompts (`generate` with that generator
+    gives the same)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; use a positive integer")
+    _check_prompts(prompts, model.config.max_seq_len)  # all of them, before any work
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        gens = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in chunk]
+        for i, ids in zip(chunk, generate_batch(model, [prompts[i] for i in chunk],
+                                                generators=gens, **kwargs)):
+            out[i] = ids
+    return out
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """Generation speed at one batch size (`time_batch_sizes`)."""
+
+    batch_size: int
+    new_tokens: int
+    """Tokens generated over all prompts (stop tokens not counted)."""
+    seconds: float
+    """Wall-clock time of the fastest repeat."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds
+
+
+def time_batch_sizes(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    batch_sizes: Sequence[int],
+    *,
+    repeats: int = 2,
+    **kwargs: Any,
+) -> tuple[list[BatchTiming], bool]:
+    """Time `generate_many` over `prompts` at each of `batch_sizes` (after a short warm-up; the
+    repeats interleave the batch sizes, so that a busy machine slows them alike, and the
+    fastest of each counts). Also whether every batch size gave the same tokens."""
+    generate_many(model, prompts[:2], batch_size=2, **{**kwargs, "max_new_tokens": 2})
+    best: dict[int, float] = {}
+    outputs: dict[int, list[list[int]]] = {}
+    for _ in range(repeats):
+        for n in batch_sizes:
+            start = time.perf_counter()
+            outputs[n] = generate_many(model, prompts, batch_size=n, **kwargs)
+            best[n] = min(best.get(n, math.inf), time.perf_counter() - start)
+    timings = [BatchTiming(n, sum(map(len, outputs[n])), best[n]) for n in batch_sizes]
+    same = all(outputs[n] == outputs[batch_sizes[0]] for n in batch_sizes)
+    return timings, same
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """The prompts of a file, as records with a "prompt" string: a `.jsonl` file holds one JSON
+    object with a "prompt" field per line (other fields are kept); any other file holds one
+    prompt per line (write a newline inside a prompt with JSONL). Blank lines are skipped.
+    DataError when the file is missing, has no prompt or a malformed line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompts file {path} does not exist; give a text file with one prompt "
+                        "per line, or a .jsonl file with a \"prompt\" field per line")
+    records: list[dict[str, Any]] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            records.append({"prompt": line})
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n} is not JSON ({e.msg}); write one object with a "
+                            "\"prompt\" field per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise DataError(f"{path}:{n} has no \"prompt\" string; write one object with a "
+                            "\"prompt\" field per line")
+        records.append(record)
+    if not records:
+        raise DataError(f"prompts file {path} holds no prompt; write one prompt per line")
+    return records
 
 
 # -- encoder-decoder ---------------------------------------------------------------------------

@@ -226,6 +226,8 @@ class KVCache:
 
     Keys are stored after rotation, with n_kv_heads (not repeated for GQA). Layers write at
     `length` during a forward; `Transformer.forward` advances `length` once all layers ran.
+    A batch of left-padded prompts sets `key_mask`, so that no query attends a padding slot
+    (their rotary positions come from `Transformer.forward`'s `positions`).
     """
 
     def __init__(
@@ -244,6 +246,8 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
+        self.key_mask: Tensor | None = None
+        """(B, max_len) bool, False at padding slots; None: every slot holds a token."""
 
     @classmethod
     def for_model(cls, model: Transformer, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -275,12 +279,26 @@ class KVCache:
     def attn_mask(self, n_new: int, device: torch.device) -> Tensor | None:
         """Causal mask of `n_new` queries over all cached keys, (n_new, length + n_new) bool, or
         None for an empty cache (then the plain causal mask applies). SDPA's own is_causal would
-        align the mask to the top-left corner, which is wrong once keys outnumber queries."""
-        if self.length == 0:
+        align the mask to the top-left corner, which is wrong once keys outnumber queries.
+        With a `key_mask`: (B, 1, n_new, length + n_new), padding keys masked."""
+        if self.length == 0 and self.key_mask is None:
             return None
         query_pos = torch.arange(n_new, device=device)[:, None] + self.length
         key_pos = torch.arange(self.length + n_new, device=device)[None, :]
-        return key_pos <= query_pos
+        causal = key_pos <= query_pos
+        if self.key_mask is None:
+            return causal
+        # A padding query still sees itself: a row with no key at all would make SDPA's
+        # softmax NaN, and a NaN value times a zero weight poisons the real rows too.
+        keys = self.key_mask[:, None, : self.length + n_new] | (key_pos == query_pos)[None]
+        return (causal[None] & keys)[:, None]  # (B, 1, n_new, length + n_new)
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the batch rows `rows` (long indices): finished sequences drop out."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[rows]
 
     def advance(self, n: int) -> None:
         self.length += n
