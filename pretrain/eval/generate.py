@@ -92,12 +92,12 @@ def sample_logits(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Draw one token id per row of `logits` (..., vocab) -> (...,) long.
 
     temperature 0 is greedy (argmax; top_k/top_p then change nothing). `generator` must live on
-    the logits' device.
+    the logits' device; a sequence holds one per row, so that a row draws what it would alone.
     """
     if temperature < 0:
         raise ValueError(f"temperature={temperature}; use 0 (greedy) or a positive value")
@@ -105,7 +105,14 @@ def sample_logits(
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
     probs = logits.softmax(dim=-1).reshape(-1, logits.shape[-1])  # (rows, vocab)
-    ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (rows, 1)
+    if generator is None or isinstance(generator, torch.Generator):
+        ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (rows, 1)
+    else:
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows of logits; "
+                             "give one per row")
+        ids = torch.cat([torch.multinomial(row[None], num_samples=1, generator=g)
+                         for row, g in zip(probs, generator)])  # (rows, 1)
     return ids.view(logits.shape[:-1])
 
 
@@ -169,16 +176,6 @@ def _check_prompts(prompts: Sequence[Sequence[int]], max_len: int) -> None:
                              f"model.max_seq_len={max_len}; shorten the prompt")
 
 
-def _sample_rows(logits: Tensor, rows: list[int], generators: Sequence[torch.Generator] | None,
-                 **sampling: Any) -> Tensor:
-    """One token per row of `logits` (b, vocab) -> (b,); row i draws from the generator of
-    prompt rows[i], so a prompt's sample does not depend on the others in its batch."""
-    if sampling["temperature"] == 0 or generators is None:
-        return sample_logits(logits, **sampling)
-    return torch.cat([sample_logits(logits[i : i + 1], generator=generators[r], **sampling)
-                      for i, r in enumerate(rows)])
-
-
 @torch.no_grad()
 def generate_batch(
     model: Transformer,
@@ -217,7 +214,8 @@ def generate_batch(
     rows = list(range(len(prompts)))  # the prompt index of each row still in the batch
     new: list[list[int]] = [[] for _ in prompts]
     while True:
-        next_ids = _sample_rows(logits, rows, generators, **sampling)  # (b,)
+        row_gens = None if generators is None else [generators[r] for r in rows]
+        next_ids = sample_logits(logits, generator=row_gens, **sampling)  # (b,)
         live = []
         for i, (r, token) in enumerate(zip(rows, next_ids.tolist())):
             if token == eos_id or token in stop_ids:

@@ -18,6 +18,7 @@ from pretrain.eval.generate import (
     generate_many,
     prefill,
     read_prompts,
+    sample_logits,
     time_batch_sizes,
 )
 from pretrain.models.llama import KVCache, Transformer, build_model
@@ -125,6 +126,8 @@ def test_bad_prompts_are_refused(model: Transformer) -> None:
         generate_many(model, [list(range(48)), [3]], batch_size=1, max_new_tokens=2)
     with pytest.raises(ValueError, match="batch_size=0"):
         generate_many(model, [[3]], batch_size=0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="1 generators for 2 rows"):
+        sample_logits(torch.zeros(2, 4), generator=[torch.Generator()])
 
 
 def test_timing_counts_the_same_tokens(model: Transformer, prompts: list[list[int]]) -> None:
