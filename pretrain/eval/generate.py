@@ -265,17 +265,19 @@ def generate_many(
 ) -> list[list[int]]:
     """`generate_batch` over `prompts` in batches of `batch_size`; return each prompt's new
     tokens in input order. Prompts of similar length are batched together (less padding).
-    With a `seed`, prompt i samples from its own generator seeded `seed + i`: its text then
-    does not depend on the batch size or on the other prompts (`generate` with that generator
-    gives the same)."""
+    With a `seed`, prompt i samples from its own generator (on the model's device) seeded
+    `seed + i`: its text then does not depend on the batch size or on the other prompts
+    (`generate` with that generator gives the same)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; use a positive integer")
     _check_prompts(prompts, model.config.max_seq_len)  # all of them, before any work
+    device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        gens = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in chunk]
+        gens = None if seed is None else [torch.Generator(device).manual_seed(seed + i)
+                                          for i in chunk]
         for i, ids in zip(chunk, generate_batch(model, [prompts[i] for i in chunk],
                                                 generators=gens, **kwargs)):
             out[i] = ids
