@@ -135,6 +135,9 @@ def _check_batch_flags(args: argparse.Namespace, arch: str, infilling: bool) -> 
                          "drop it (or use --prompt)")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}; use a positive integer")
+    if args.out is not None and not args.out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: the directory {args.out.parent} does not exist; "
+                         "create it first")
 
 
 def _decoding(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,17 +182,7 @@ def run_batched(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
     kwargs = dict(**_decoding(args), eos_id=tok.eos_id, pad_id=tok.pad_id,
                   seed=0 if args.seed is None else args.seed)
     if args.benchmark:
-        timings, same = time_batch_sizes(model, prompts, sorted({1, batch_size}), repeats=3,
-                                         **kwargs)
-        print(f"{len(prompts)} prompts, max_new_tokens={kwargs['max_new_tokens']}, "
-              f"temperature={kwargs['temperature']}, {torch.get_num_threads()} threads, "
-              "fastest of 3")
-        print("| batch size | new tokens | seconds | tokens/s | vs batch 1 |")
-        print("|---:|---:|---:|---:|---:|")
-        for t in timings:
-            print(f"| {t.batch_size} | {t.new_tokens} | {t.seconds:.2f} | "
-                  f"{t.tokens_per_s:.0f} | {t.tokens_per_s / timings[0].tokens_per_s:.2f}x |")
-        print(f"same completions at every batch size: {'yes' if same else 'NO'}")
+        _print_timings(model, prompts, batch_size, kwargs)
         return
     start = time.perf_counter()
     outputs = generate_many(model, prompts, batch_size=batch_size, **kwargs)
@@ -197,7 +190,7 @@ def run_batched(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
     max_len = model.config.max_seq_len
     lines = []
     for record, ids, new in zip(records, prompts, outputs):
-        cap = min(kwargs["max_new_tokens"], max_len - len(ids))
+        cap = min(kwargs["max_new_tokens"], max_len - len(ids))  # a shorter one met EOS
         lines.append(json.dumps({**record, "completion": tok.decode(new),
                                  "new_tokens": len(new),
                                  "finish_reason": "length" if len(new) == cap else "stop"}))
@@ -209,6 +202,22 @@ def run_batched(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
     n_new = sum(map(len, outputs))
     print(f"{len(records)} prompts, {n_new} new tokens in {seconds:.1f} s "
           f"({n_new / seconds:.0f} tokens/s, batch size {batch_size})", file=sys.stderr)
+
+
+def _print_timings(model: nn.Module, prompts: list[list[int]], batch_size: int,
+                   kwargs: dict[str, Any]) -> None:
+    repeats = 3
+    timings, same = time_batch_sizes(model, prompts, sorted({1, batch_size}), repeats=repeats,
+                                     **kwargs)
+    print(f"{len(prompts)} prompts, max_new_tokens={kwargs['max_new_tokens']}, "
+          f"temperature={kwargs['temperature']}, {torch.get_num_threads()} threads, "
+          f"fastest of {repeats}")
+    print("| batch size | new tokens | seconds | tokens/s | vs batch 1 |")
+    print("|---:|---:|---:|---:|---:|")
+    for t in timings:
+        print(f"| {t.batch_size} | {t.new_tokens} | {t.seconds:.2f} | {t.tokens_per_s:.0f} | "
+              f"{t.tokens_per_s / timings[0].tokens_per_s:.2f}x |")
+    print(f"same completions at every batch size: {'yes' if same else 'NO'}")
 
 
 def run_encoder(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,

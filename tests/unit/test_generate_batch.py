@@ -229,6 +229,8 @@ def test_cli_refuses_bad_prompt_files_and_flags(run: Path, tmp_path: Path,
              (["--prompts-file", str(ok), "--prompt", "x"], "drop --prompt"),
              (["--prompts-file", str(ok), "--no-cache"], "--no-cache"),
              (["--prompts-file", str(ok), "--batch-size", "0"], "--batch-size 0"),
+             (["--prompts-file", str(ok), "--out", str(tmp_path / "no" / "o.jsonl")],
+              "does not exist"),
              (["--batch-size", "4", "--benchmark"], "--batch-size --benchmark go with"))
     for argv, says in cases:
         rc, out, err = _cli(capsys, str(run), *argv)
