@@ -332,8 +332,13 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"prompts file {path} does not exist; give a text file with one prompt "
                         "per line, or a .jsonl file with a \"prompt\" field per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte "
+                        f"{e.start}); save it as UTF-8") from None
     records: list[dict[str, Any]] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if path.suffix != ".jsonl":

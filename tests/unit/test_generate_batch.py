@@ -151,8 +151,10 @@ def test_prompt_files(tmp_path: Path) -> None:
     assert read_prompts(jsonl) == [{"prompt": "a\nb", "id": 7}, {"prompt": "c"}]
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     for name, says in (("missing.txt", "does not exist"), ("empty.txt", "holds no prompt"),
-                       ("bad.jsonl", 'bad.jsonl:2 has no "prompt"')):
+                       ("bad.jsonl", 'bad.jsonl:2 has no "prompt"'),
+                       ("latin1.txt", "is not UTF-8")):
         with pytest.raises(ValueError, match=says):
             read_prompts(tmp_path / name)
 
