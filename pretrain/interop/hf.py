@@ -54,10 +54,12 @@ __all__ = [
     "from_hf_config",
     "from_hf_state_dict",
     "hf_class",
+    "hf_ignored",
     "import_hf",
     "save_hf_tokenizer",
     "spm_to_hf_tokenizer",
     "to_hf_config",
+    "to_hf_key",
     "to_hf_state_dict",
 ]
 
@@ -622,6 +624,24 @@ def _names(arch: str, *, gated: bool = True, roberta: bool = False,
          "decoder.embed_tokens.weight": "shared.weight"},
         ignored=("EncDecAttention.relative_attention_bias",),  # never used by transformers
     )
+
+
+def _decoder_names(cfg: ModelConfig) -> _Names:
+    if hf_class(cfg) != _LLAMA:
+        raise ValueError(f"model {cfg.name!r} (arch={cfg.arch}) has no per-parameter HF names; "
+                         "only the decoder (LlamaForCausalLM) loads sharded")
+    return _names(cfg.arch)
+
+
+def to_hf_key(key: str, cfg: ModelConfig) -> str:
+    """The LlamaForCausalLM name of our parameter `key` (`layers.0.attention.wq.weight` ->
+    `model.layers.0.self_attn.q_proj.weight`): the one mapping, for loading by name."""
+    return _decoder_names(cfg).rename(key)
+
+
+def hf_ignored(cfg: ModelConfig) -> tuple[str, ...]:
+    """Substrings of LlamaForCausalLM names that hold nothing we keep (buffers)."""
+    return _decoder_names(cfg).ignored
 
 
 def _expected(cfg: ModelConfig) -> dict[str, torch.Size]:
