@@ -51,10 +51,6 @@ ADAPTER_MARK = "lora_"
 """Parameters whose names contain this (LoRA adapters) may be absent from the source."""
 _MODEL_PREFIX = "app.model."
 """Where our DCP checkpoints keep the model's tensors (`ModelOptimState` under key "app")."""
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
-"""Files of a transformers tokenizer (whichever of them a directory has)."""
 
 
 def kind_of(init_from: str) -> str:
@@ -156,13 +152,18 @@ def describe_base(init_from: str) -> dict[str, str]:
 
 
 def base_tokenizer(init_from: str) -> str | None:
-    """'hf:DIR' when `init_from` is a transformers directory with tokenizer files; None
-    otherwise (our checkpoints record their tokenizer with the run)."""
-    if kind_of(init_from) != HF:
-        return None
-    directory = Path(init_from).resolve()
-    if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        return f"hf:{directory}"
+    """The tokenizer of the weights: 'hf:DIR' when `init_from` is a transformers directory with
+    tokenizer files, the tokenizer our checkpoint's run recorded when it still exists; else
+    None."""
+    from pretrain.data.hf_tokenizer import PREFIX, tokenizer_files
+
+    if kind_of(init_from) == HF:
+        directory = Path(init_from).resolve()
+        return f"{PREFIX}{directory}" if tokenizer_files(directory) else None
+    _, state = _checkpoint(init_from)
+    recorded = state.get("tokenizer_path")
+    if isinstance(recorded, str) and Path(recorded.removeprefix(PREFIX)).exists():
+        return recorded
     return None
 
 
