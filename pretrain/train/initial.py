@@ -39,11 +39,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain.config import ModelConfig
-from pretrain.errors import CheckpointError, ConfigError
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import CheckpointError, ConfigError, DataError
 from pretrain.parallel.parallelize import clean_fqn
 from pretrain.train import checkpoint as ckpt
 
-__all__ = ["HF", "PRETRAIN", "base_tokenizer", "describe_base", "kind_of",
+__all__ = ["HF", "PRETRAIN", "base_tokenizer", "check_base_tokenizer", "describe_base", "kind_of",
            "load_initial_weights", "model_config_of", "resolve_model"]
 
 HF, PRETRAIN = "hf", "pretrain"
@@ -165,6 +166,17 @@ def base_tokenizer(init_from: str) -> str | None:
     if isinstance(recorded, str) and Path(recorded.removeprefix(PREFIX)).exists():
         return recorded
     return None
+
+
+def check_base_tokenizer(init_from: str, tokenizer: Tokenizer) -> None:
+    """DataError when the run's data was tokenized with another tokenizer than the one that
+    comes with the weights at `init_from` (by fingerprint)."""
+    base = base_tokenizer(init_from)
+    if base is None or Tokenizer.load(base).fingerprint == tokenizer.fingerprint:
+        return
+    raise DataError(f"the data's tokenizer {tokenizer.path} is not the one of init_from="
+                    f"{init_from} ({base}); prepare the data with `pretrain-prepare-data "
+                    f"--tokenizer {base}` or set data.tokenizer={base}")
 
 
 def resolve_model(source: ModelConfig, configured: ModelConfig, explicit: Iterable[str],
