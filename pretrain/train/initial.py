@@ -258,7 +258,14 @@ def load_initial_weights(parts: list[nn.Module], init_from: str, cfg: ModelConfi
     if not hf:
         available = {k: s for k, s in available.items() if k.startswith(_MODEL_PREFIX)}
     targets = [_targets(part, cfg) for part in parts]
-    names = {rename(k): k for sd in targets for k in sd}
+    names = {}
+    for key in (k for sd in targets for k in sd):
+        try:
+            names[rename(key)] = key
+        except ValueError as e:  # a parameter of ours the HF layout has no name for
+            raise CheckpointError(f"init_from={init_from} has no counterpart of the model's "
+                                  f"parameter {key}; only LoRA adapters (names with 'lora_') "
+                                  "may be extra") from e
     wanted = {rename(k): v.shape for sd in targets for k, v in sd.items()}
     # A tied model reads the embedding; a copy of it under the output's name is no surprise.
     optional = {rename("output.weight")} if cfg.tie_embeddings else set()

@@ -82,10 +82,10 @@ def hf_loss(model: Any, vocab_size: int) -> float:
     return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
 
 
-def step0_loss(init_from: str, dp_shard: int = 1) -> dict[str, Any]:
+def step0_loss(init_from: str, dp_shard: int = 1, load: bool = True) -> dict[str, Any]:
     """Our loss on `batch` at step 0 (fp32), the train module built as the trainer builds it
     from `model_config_of(init_from)`: one process, or FSDP over `dp_shard` ranks (each rank
-    its rows; the mean over ranks). Also the step's gradient norm after one update."""
+    its rows; the mean over ranks). `load=False`: the same model randomly initialized."""
     from pretrain.config import OptimConfig, ParallelConfig
     from pretrain.data.loader import Batch
     from pretrain.parallel.dims import ParallelDims
@@ -98,7 +98,8 @@ def step0_loss(init_from: str, dp_shard: int = 1) -> dict[str, Any]:
     dims = ParallelDims(1, dp_shard, 1, 1, world)
     mesh = dims.build_mesh("cpu")
     settings = StepSettings(global_batch_size=ROWS, micro_batch_size=ROWS // dp_shard,
-                            precision="fp32", seed=99, init_from=init_from)
+                            precision="fp32", seed=99,
+                            init_from=init_from if load else None)
     module = build_train_module(model=cfg, optim=OptimConfig(), parallel=parallel,
                                 settings=settings, dims=dims, mesh=mesh,
                                 device=torch.device("cpu"), total_steps=2)
