@@ -114,3 +114,8 @@ def index_files(directory: Path) -> list[str]:
     """The weight files model.safetensors.index.json names."""
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     return sorted(set(index["weight_map"].values()))
+
+
+def step0_losses(paths: list[str], dp_shard: int) -> list[dict[str, Any]]:
+    """`step0_loss` of several bases in one process group (spawning ranks costs most)."""
+    return [step0_loss(p, dp_shard) for p in paths]
