@@ -179,22 +179,26 @@ def check_base_tokenizer(init_from: str, tokenizer: Tokenizer) -> None:
                     f"--tokenizer {base}` or set data.tokenizer={base}")
 
 
+_FREE = ("name", "init_std", "depth_init")
+"""Model fields an explicit override may set with init_from: they change no loaded weight."""
+
+
 def resolve_model(source: ModelConfig, configured: ModelConfig, explicit: Iterable[str],
                   init_from: str) -> ModelConfig:
-    """The run's model config: `source`'s (the weights'), with `configured`'s name when the user
-    set it. ConfigError for an explicitly set field (`explicit`: ModelConfig field names) whose
-    value differs from the source's; the model preset's other values do not count."""
-    explicit = set(explicit)
-    for name in sorted(explicit - {"name"}):
-        if name not in ModelConfig.__dataclass_fields__:
-            continue
+    """The run's model config: `source`'s (the weights'), with `configured`'s values of the
+    fields the user set (`explicit`: ModelConfig field names) that change no weight (the name,
+    the init, a rotary model's max_seq_len: longer context). ConfigError for an explicitly set
+    field whose value differs from the source's; the model preset's other values do not
+    count."""
+    free = set(_FREE) | ({"max_seq_len"} if source.position == "rope" else set())
+    explicit = set(explicit) & set(ModelConfig.__dataclass_fields__)
+    for name in sorted(explicit - free):
         want, have = getattr(configured, name), getattr(source, name)
         if want != have:
             raise ConfigError(f"model.{name}={want} contradicts init_from={init_from}, whose "
                               f"model has {name}={have}; drop the override (the model config "
                               "comes from init_from)")
-    name = configured.name if "name" in explicit else source.name
-    return dataclasses.replace(source, name=name)
+    return dataclasses.replace(source, **{k: getattr(configured, k) for k in explicit & free})
 
 
 # ---------------------------------------------------------------------------------- loading

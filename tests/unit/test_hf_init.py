@@ -235,9 +235,9 @@ def test_only_explicit_overrides_can_contradict(base: dict) -> None:
     source = model_config_of(str(base["plain"]))
     preset = ModelConfig(name="cpu", n_layers=6, dim=256)  # defaults the user did not set
     assert resolve_model(source, preset, set(), "X") == source
-    mine = dataclasses.replace(preset, name="mine", n_layers=2)
-    assert resolve_model(source, mine, {"name", "n_layers"}, "X") == dataclasses.replace(
-        source, name="mine")
+    mine = dataclasses.replace(preset, name="mine", n_layers=2, max_seq_len=4096)
+    assert resolve_model(source, mine, {"name", "n_layers", "max_seq_len"}, "X") == (
+        dataclasses.replace(source, name="mine", max_seq_len=4096))  # longer context: no weight
     with pytest.raises(ConfigError, match="model.n_layers=3 contradicts init_from=X, whose "
                                           "model has n_layers=2"):
         resolve_model(source, dataclasses.replace(preset, n_layers=3), {"n_layers"}, "X")
