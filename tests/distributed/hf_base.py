@@ -119,3 +119,34 @@ def index_files(directory: Path) -> list[str]:
 def step0_losses(paths: list[str], dp_shard: int) -> list[dict[str, Any]]:
     """`step0_loss` of several bases in one process group (spawning ranks costs most)."""
     return [step0_loss(p, dp_shard) for p in paths]
+
+
+def parity_report(directory: str) -> None:
+    """Print transformers' step-0 loss of the LlamaForCausalLM in `directory` (fp32) and ours
+    on one process and on 2 FSDP ranks (the README's figures)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.distributed.helpers import run_distributed
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ref = hf_loss(model, model.config.vocab_size)
+    one = step0_loss(directory)["loss"]
+    two = run_distributed(step0_losses, 2, [directory], 2)[0][0]["loss"]
+    print(f"transformers {ref:.7f} | ours, 1 process {one:.7f} (|diff| {abs(one - ref):.1e}) | "
+          f"ours, 2 FSDP ranks {two:.7f} (|diff| {abs(two - ref):.1e})")
+
+
+def export_report(run: str, exported: str) -> None:
+    """Print the largest logit difference between our checkpoint `run` and its export loaded by
+    transformers, on 64 tokens of Python source encoded by the exported tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pretrain.train.consolidate import load_model_from_checkpoint
+
+    hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(exported).encode(inspect.getsource(inspect))[:64]
+    ours, _ = load_model_from_checkpoint(run)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        diff = (hf(input_ids=x).logits - ours.eval()(x)).abs().max().item()
+    print(f"{len(ids)} tokens: max |logits(transformers) - logits(ours)| = {diff:.1e}")
