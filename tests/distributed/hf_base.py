@@ -82,11 +82,13 @@ def hf_loss(model: Any, vocab_size: int) -> float:
     return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
 
 
-def step0_loss(init_from: str, dp_shard: int = 1, load: bool = True) -> dict[str, Any]:
+def step0_loss(init_from: str, dp_shard: int = 1, load: bool = True, *, tp: int = 1,
+               pp: int = 1) -> dict[str, Any]:
     """Our loss on `batch` at step 0 (fp32), the train module built as the trainer builds it
-    from `model_config_of(init_from)`: one process, or FSDP over `dp_shard` ranks (each rank
-    its rows; the mean over ranks). `load=False`: the same model randomly initialized."""
-    from pretrain.config import OptimConfig, ParallelConfig
+    from `model_config_of(init_from)`: one process, FSDP over `dp_shard` ranks (each rank its
+    rows; the mean over ranks), or tensor / pipeline parallel over `tp` / `pp` ranks (every
+    rank all rows). `load=False`: the same model randomly initialized."""
+    from pretrain.config import OptimConfig, ParallelConfig, output_whole_on_one_rank
     from pretrain.data.loader import Batch
     from pretrain.parallel.dims import ParallelDims
     from pretrain.train.initial import model_config_of
@@ -94,20 +96,21 @@ def step0_loss(init_from: str, dp_shard: int = 1, load: bool = True) -> dict[str
 
     cfg = model_config_of(init_from)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    parallel = ParallelConfig(dp_shard=dp_shard, fsdp_param_dtype="fp32")
-    dims = ParallelDims(1, dp_shard, 1, 1, world)
+    parallel = ParallelConfig(dp_shard=dp_shard, tp=tp, pp=pp, fsdp_param_dtype="fp32",
+                              pp_microbatches=2)
+    dims = ParallelDims(1, dp_shard, tp, pp, world)
     mesh = dims.build_mesh("cpu")
     settings = StepSettings(global_batch_size=ROWS, micro_batch_size=ROWS // dp_shard,
-                            precision="fp32", seed=99,
-                            init_from=init_from if load else None)
+                            precision="fp32", seed=99, init_from=init_from if load else None,
+                            chunked_loss=output_whole_on_one_rank(parallel))
     module = build_train_module(model=cfg, optim=OptimConfig(), parallel=parallel,
                                 settings=settings, dims=dims, mesh=mesh,
                                 device=torch.device("cpu"), total_steps=2)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank() if dist.is_initialized() and dp_shard > 1 else 0
     inputs, targets = batch(cfg.vocab_size)
     rows = slice(rank * ROWS // dp_shard, (rank + 1) * ROWS // dp_shard)
-    stats = module.train_step([Batch(inputs[rows], targets[rows])])
-    return {"loss": float(stats.loss), "sharded": type(next(module.model.parameters())).__name__}
+    loss = module.dp_mean(module.forward_backward([Batch(inputs[rows], targets[rows])]))
+    return {"loss": float(loss), "sharded": type(next(module.model.parameters())).__name__}
 
 
 def index_files(directory: Path) -> list[str]:
@@ -116,9 +119,10 @@ def index_files(directory: Path) -> list[str]:
     return sorted(set(index["weight_map"].values()))
 
 
-def step0_losses(paths: list[str], dp_shard: int) -> list[dict[str, Any]]:
-    """`step0_loss` of several bases in one process group (spawning ranks costs most)."""
-    return [step0_loss(p, dp_shard) for p in paths]
+def step0_losses(runs: list[tuple[str, dict[str, int]]]) -> list[dict[str, Any]]:
+    """`step0_loss(path, **layout)` of several (path, layout) in one process group (spawning
+    ranks costs most)."""
+    return [step0_loss(path, **layout) for path, layout in runs]
 
 
 def parity_report(directory: str) -> None:
@@ -131,7 +135,7 @@ def parity_report(directory: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     ref = hf_loss(model, model.config.vocab_size)
     one = step0_loss(directory)["loss"]
-    two = run_distributed(step0_losses, 2, [directory], 2)[0][0]["loss"]
+    two = run_distributed(step0_losses, 2, [(directory, {"dp_shard": 2})])[0][0]["loss"]
     print(f"transformers {ref:.7f} | ours, 1 process {one:.7f} (|diff| {abs(one - ref):.1e}) | "
           f"ours, 2 FSDP ranks {two:.7f} (|diff| {abs(two - ref):.1e})")
 
