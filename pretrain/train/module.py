@@ -67,6 +67,7 @@ from pretrain.parallel.pipeline import (
     pipeline_step,
 )
 from pretrain.train.checkpoint import ModelOptimState
+from pretrain.train.initial import load_initial_weights
 from pretrain.train.optim import build_optimizer, build_schedule
 
 
@@ -90,6 +91,8 @@ class StepSettings:
     """Attention kernels in priority order (empty: PyTorch's choice / the CUDA default)."""
     seed: int = 0
     """Seed of the layout-independent initialization."""
+    init_from: str | None = None
+    """Weights loaded over the initialization (`pretrain.train.initial`); None: random."""
 
     @classmethod
     def of(cls, cfg: TrainConfig, device: torch.device) -> StepSettings:
@@ -99,7 +102,8 @@ class StepSettings:
                    activation_checkpointing=cfg.activation_checkpointing,
                    compile=compile_enabled(cfg, device),
                    chunked_loss=uses_chunked_loss(cfg.loss, cfg.parallel),
-                   sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed)
+                   sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed,
+                   init_from=cfg.init_from)
 
 
 def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
@@ -170,6 +174,8 @@ class TrainModule:
                         compile=s.compile, parallel=self.parallel, precision=s.precision)
         self.parts = [part for _, part in stages]
         init_model_weights(self.parts, self.model_cfg, s.seed, self.device)
+        if s.init_from is not None:
+            load_initial_weights(self.parts, s.init_from, self.model_cfg)
         for part in self.parts:
             check_initialized(part)
             part.train()

@@ -37,6 +37,7 @@ from pretrain.eval.scores import Scorer, build_scorer
 from pretrain.models.build import count_params, flops_per_token
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.compat import resumable_checkpoint
 from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
 from pretrain.train.hooks import (
     Callback,
@@ -48,6 +49,7 @@ from pretrain.train.hooks import (
     settle,
 )
 from pretrain.train.host import tune_cpu_allocator
+from pretrain.train.initial import check_base_tokenizer
 from pretrain.train.loggers import Sink, build_sinks
 from pretrain.train.metrics import device_peak_flops, peak_memory_gb
 from pretrain.train.module import StepSettings, TrainModule, build_train_module
@@ -223,6 +225,12 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
     data = prepare_data(cfg, env)
     tokenizer = Tokenizer.load(data.tokenizer_path)
+    # resume wins over init_from: the weights (and their tokenizer) come from the run's own
+    init_from = cfg.init_from
+    if init_from is not None and resumable_checkpoint(cfg, run_dir) is not None:
+        init_from = None
+    if init_from is not None:
+        check_base_tokenizer(init_from, tokenizer)
     objective = build_objective(cfg.objective, tokenizer, vocab_size=cfg.model.vocab_size)
     train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank, objective)
     name = cfg.objective.name
@@ -232,8 +240,9 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
     fpt = run_flops_per_token(cfg, objective)
     total = total_steps_of(cfg, fpt)
+    settings = dataclasses.replace(StepSettings.of(cfg, device), init_from=init_from)
     module = build_train_module(model=cfg.model, optim=cfg.optim, parallel=cfg.parallel,
-                                settings=StepSettings.of(cfg, device), dims=dims, mesh=mesh,
+                                settings=settings, dims=dims, mesh=mesh,
                                 device=device, total_steps=total)
     peak, _ = device_peak_flops(device, cfg.data.cache_dir)
     return Run(
