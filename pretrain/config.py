@@ -368,6 +368,33 @@ class QuantConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How validation loss is computed."""
+
+    stride: int | None = None
+    """Sliding-window validation: windows of seq_len tokens that advance by `stride`, each
+    token scored once with the most context it can have (the transformers perplexity guide's
+    method). None: non-overlapping windows."""
+
+
+@dataclass
+class DownstreamEvalConfig:
+    """Downstream tasks (multiple choice by log-likelihood, LAMBADA by greedy last word),
+    scored during training on every rank's share, with one global result."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task names, e.g. [hellaswag, arc_easy, piqa, lambada] (empty: none)."""
+    every: int = 0
+    """Steps between downstream evaluations (0: only at the end of the run)."""
+    data_dir: str | None = None
+    """Directory holding the task files (see the README); None: hub names through `datasets`."""
+    limit: int | None = None
+    """Items per task (None: all)."""
+    batch_size: int = 16
+    """Requests scored per forward pass."""
+
+
+@dataclass
 class TrainConfig:
     """The root config of one training run."""
 
@@ -380,6 +407,8 @@ class TrainConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    evals: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
 
     run_name: str = "${default_run_name:}"
     """Run directory name under output_root; resume=auto looks for checkpoints there. The
