@@ -66,7 +66,7 @@ def validate_model(m: ModelConfig) -> None:
 
 # Which family each objective trains, and the layouts each family is proven on.
 _OBJECTIVE_ARCH = {"clm": "decoder", "fim": "decoder", "mlm": "encoder",
-                   "span": "encoder_decoder"}
+                   "span": "encoder_decoder", "sft": "decoder"}
 _PRESET_HINT = {"decoder": "model=cpu (or any decoder preset)", "encoder": "model=cpu_encoder",
                 "encoder_decoder": "model=cpu_t5"}
 
@@ -86,6 +86,9 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig, seq_len: int) -> None
              "objective.mask_token_fraction + objective.random_token_fraction must be <= 1 "
              "(the rest of the chosen tokens stay unchanged)")
     _require(o.mean_span_length >= 1.0, "objective.mean_span_length must be >= 1")
+    _require(o.name != "sft" or o.sft_val_source is None or bool(o.sft_val_source.strip()),
+             "objective.sft_val_source is empty; name a chat JSONL file or glob, or null to "
+             "hold out data.val_fraction")
     if o.name == "span":
         n_spans = round(round(seq_len / (1 - o.noise_density) * o.noise_density)
                         / o.mean_span_length)
@@ -171,6 +174,13 @@ def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
              "pipeline parallelism (the DeepSpeed engine and the pipeline schedules run the "
              "model without the attention mask); set parallel.pp=1 and parallel.backend=native, "
              "or turn document masking off")
+    _require(cfg.objective.name != "sft" or (p.backend == "native" and p.pp == 1),
+             "objective=sft packs conversations with document masking, which needs the native "
+             "backend without pipeline parallelism; set parallel.pp=1 and "
+             "parallel.backend=native")
+    _require(cfg.objective.name != "sft" or not cfg.data.mix,
+             "objective=sft reads chat JSONL from data.source; data.mix is for pre-training "
+             "corpora: unset it")
     _require(not (p.backend == "deepspeed" and cfg.spike_policy == "skip"),
              "spike_policy=skip cannot drop an update under parallel.backend=deepspeed (the "
              "engine steps inside backward); use spike_policy=rollback or warn")
