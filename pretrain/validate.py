@@ -106,6 +106,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     started directly)."""
     validate_model(cfg.model)
     validate_objective(cfg.objective, cfg.model, cfg.seq_len)
+    if cfg.objective.name == "sft":
+        validate_sft(cfg)
     validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None
                       else world_size)
     _require(cfg.precision in ("fp32", "bf16", "fp16"),
@@ -133,6 +135,19 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
              f"micro_batch_size={cfg.micro_batch_size}")
     _require(cfg.steps > 0 or (cfg.tokens or 0) > 0, "steps (or tokens) must be > 0")
     _require(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+
+
+def validate_sft(cfg: TrainConfig) -> None:
+    """objective=sft: chat JSONL from a local data.source, on a layout with document masking."""
+    p, source = cfg.parallel, cfg.data.source
+    _require(p.backend == "native" and p.pp == 1,
+             "objective=sft packs conversations with document masking, which needs the native "
+             "backend without pipeline parallelism; set parallel.pp=1 and "
+             "parallel.backend=native")
+    _require(not cfg.data.mix and source != "builtin" and not source.startswith("hf:"),
+             f"objective=sft reads chat JSONL from a local file or glob, not data.source="
+             f"{source!r}{' or data.mix' if cfg.data.mix else ''}; set data.source=PATH (lines "
+             '{"messages": [{"role": ..., "content": ...}]})')
 
 
 def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
@@ -174,13 +189,6 @@ def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
              "pipeline parallelism (the DeepSpeed engine and the pipeline schedules run the "
              "model without the attention mask); set parallel.pp=1 and parallel.backend=native, "
              "or turn document masking off")
-    _require(cfg.objective.name != "sft" or (p.backend == "native" and p.pp == 1),
-             "objective=sft packs conversations with document masking, which needs the native "
-             "backend without pipeline parallelism; set parallel.pp=1 and "
-             "parallel.backend=native")
-    _require(cfg.objective.name != "sft" or not cfg.data.mix,
-             "objective=sft reads chat JSONL from data.source; data.mix is for pre-training "
-             "corpora: unset it")
     _require(not (p.backend == "deepspeed" and cfg.spike_policy == "skip"),
              "spike_policy=skip cannot drop an update under parallel.backend=deepspeed (the "
              "engine steps inside backward); use spike_policy=rollback or warn")

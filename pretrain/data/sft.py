@@ -291,8 +291,8 @@ def read_conversations(source: str, template: DefaultTemplate | HFChatTemplate, 
 
 def split_validation(convs: list[Conversation], fraction: float
                      ) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, val): the ceil(fraction * n) conversations of smallest record digest held out
-    (at least one when fraction > 0 and there are two), in file order."""
+    """(train, val): the round(fraction * n) conversations of smallest record digest held out
+    (at least one when fraction > 0 and there are two, never all), each in file order."""
     if fraction <= 0 or len(convs) < 2:
         return convs, []
     n_val = min(len(convs) - 1, max(1, round(fraction * len(convs))))

@@ -348,6 +348,11 @@ def test_ids_beyond_the_model_vocabulary_are_refused(chat_file: Path, sp: Tokeni
 def test_sft_is_refused_on_a_non_decoder_and_with_pipeline_stages() -> None:
     cfg = TrainConfig()
     cfg.objective.name = "sft"
+    with pytest.raises(ConfigError) as e:  # data.source left at the pre-training default
+        validate(cfg, world_size=1)
+    assert str(e.value).startswith("objective=sft reads chat JSONL from a local file or glob, "
+                                   "not data.source='builtin'; set data.source=PATH")
+    cfg.data.source = "chat.jsonl"
     validate(cfg, world_size=1)  # a decoder: accepted
     cfg.model.arch, cfg.model.name, cfg.model.position = "encoder", "cpu_encoder", "learned"
     cfg.model.tie_embeddings = True
@@ -358,5 +363,21 @@ def test_sft_is_refused_on_a_non_decoder_and_with_pipeline_stages() -> None:
                             "objective=sft")
     cfg = TrainConfig()
     cfg.objective.name, cfg.parallel.pp, cfg.global_batch_size = "sft", 2, 16
+    cfg.data.source = "chat.jsonl"
     with pytest.raises(ConfigError, match="objective=sft packs conversations"):
         validate(cfg, world_size=2)
+
+
+def test_a_plain_text_prompt_encodes_as_the_template_renders_it(sp: Tokenizer) -> None:
+    """`pretrain-generate --prompt` encodes BOS + the whole text: for our tokenizers (newline
+    is its own piece) that equals the template's rendering, so a run answers such a prompt."""
+    template = DefaultTemplate(sp)
+    history = CHAT[:4]
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in history[:2])
+    text += "<|assistant|>\n2 + 3 = 5."
+    # The answer ends in EOS in the rendering, which text cannot spell: compare up to it.
+    rendered = template.encode(history[:3]).ids
+    assert sp.encode(text, bos=True) == rendered[:-1]
+    prompt = text.replace("<|assistant|>\n2 + 3 = 5.", "<|assistant|>\n")
+    assert sp.encode(prompt, bos=True) == (template.encode(history[:2]).ids
+                                           + template.headers["assistant"])
