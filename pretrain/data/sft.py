@@ -388,7 +388,10 @@ class SftLoader:
         self.convs = [convs[i] for i in order]
         self.windows = pack([len(c.ids) - 1 for c in self.convs], seq_len)
         self.fingerprint = _fingerprint(self.convs)
+        self.input_tokens = sum(len(c.ids) - 1 for c in convs)
+        """Window tokens the conversations fill (the rest is padding)."""
         self.target_tokens = sum(int(c.labels[1:].sum()) for c in convs)
+        """Targets the loss covers in one epoch."""
         self.cursor = 0
         """Windows consumed by all ranks together since the start of training."""
         self.notes: list[str] = []
@@ -502,8 +505,15 @@ def build_sft_loaders(source: str, val_source: str | None, tokenizer: Any, *, se
     common = dict(seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
                   dp_size=dp_size, seed=seed, vocab_size=vocab_size,
                   pad_id=tokenizer.eos_id if pad is None or pad < 0 else pad)
-    return (SftLoader(train, "train", allow_data_change=allow_data_change, **common),
-            SftLoader(val, "val", **common))
+    loaders = (SftLoader(train, "train", allow_data_change=allow_data_change, **common),
+               SftLoader(val, "val", **common))
+    if log:
+        t = loaders[0]
+        print(f"sft: {len(train)} train / {len(val)} validation conversations; "
+              f"{t.windows_per_epoch} windows of {seq_len} tokens, "
+              f"{t.input_tokens / t.tokens_per_epoch:.0%} filled, "
+              f"{t.target_tokens / t.tokens_per_epoch:.0%} assistant targets", flush=True)
+    return loaders
 
 
 def chat_texts(files: Sequence[str]) -> Iterator[str]:
