@@ -46,7 +46,8 @@ skipped, with one summary line per file naming the first bad lines; with
 training starts.
 
 Every rank reads and tokenizes the files itself (deterministic), which suits fine-tuning sets
-of up to some hundred thousand conversations; bigger sets would want preparing once.
+of up to some hundred thousand conversations; bigger sets would want preparing once. Batches are
+built in the training loop from memory (`data.num_workers` does not apply).
 """
 
 from __future__ import annotations

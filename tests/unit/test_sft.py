@@ -151,6 +151,29 @@ def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token()
     assert [hf.decode(s) for s in spans] == ["2 + 3 = 5.<|im_end|>\n", "stone apple.<|im_end|>\n"]
 
 
+def test_the_loader_trains_an_hf_template_on_its_answers_only(tmp_path: Path) -> None:
+    hf = hf_tokenizer()
+    wrapped = SimpleNamespace(hf=hf, bos_id=hf.bos_token_id, eos_id=hf.eos_token_id,
+                              pad_id=hf.pad_token_id)
+    records = synthetic_chats(40, seed=2)
+    path = tmp_path / "hf.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train, val = build_sft_loaders(str(path), str(path), wrapped, seq_len=128,
+                                   micro_batch_size=4, dp_rank=0, dp_size=1, seed=0,
+                                   vocab_size=len(hf), val_fraction=0.0)
+    answers = sorted(m["content"] + "<|im_end|>\n" for r in records for m in r["messages"]
+                     if m["role"] == "assistant")
+    got = []
+    for batch in val.eval_windows(val.windows_per_epoch):  # every conversation once
+        for targets, doc_ids in zip(batch.targets, batch.doc_ids):
+            for d in doc_ids.unique():
+                t = targets[(doc_ids == d) & (targets != IGNORE_INDEX)].tolist()
+                # A conversation's targets are its answers back to back: split at "<|im_end|>\n".
+                got += [a + "<|im_end|>\n" for a in hf.decode(t).split("<|im_end|>\n") if a]
+    assert sorted(got) == answers
+    assert train.target_tokens == val.target_tokens > 0
+
+
 def test_a_template_that_rewrites_earlier_turns_is_a_bad_record() -> None:
     # Drops every assistant message but the last (as some reasoning templates drop thoughts).
     rewriting = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
