@@ -12,8 +12,6 @@ train and validation loaders for one rank, for one source or a weighted mixture 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,11 +20,9 @@ import torch
 from pretrain.data.loader import ShardedWindowLoader
 from pretrain.data.mixture import MixEntry, data_config_errors, parse_mix
 from pretrain.data.objectives import Objective
-from pretrain.data.prepare import ensure_prepared, file_lock, resolve_cache_dir
-from pretrain.data.sft import chat_texts
+from pretrain.data.prepare import ensure_prepared
 from pretrain.data.shards import read_manifest
-from pretrain.data.sources import resolve_local_files
-from pretrain.data.tokenizer import TOKENIZER_FORMAT, Tokenizer, train_tokenizer
+from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import DataError
 
 if TYPE_CHECKING:
@@ -60,26 +56,6 @@ def ensure_data(cfg: DataConfig, *, vocab_size: int) -> PreparedData:
             max_bytes=cfg.max_bytes if entry.max_bytes is None else entry.max_bytes)
         dirs[entry.name], _ = ensure_prepared(sub, vocab_size=vocab_size)
     return PreparedData(dirs, tokenizer)
-
-
-def ensure_sft_data(cfg: DataConfig, *, vocab_size: int) -> PreparedData:
-    """objective=sft: no shards (the loader reads the chat JSONL itself); the tokenizer is
-    `data.tokenizer`, else one trained once on the conversations' text (roles and contents)
-    and cached by the files' contents."""
-    if cfg.tokenizer is not None:
-        return PreparedData({}, cfg.tokenizer)
-    files = resolve_local_files(cfg.source)
-    h = hashlib.blake2b(f"{vocab_size}:{TOKENIZER_FORMAT}".encode(), digest_size=8)
-    for path in files:
-        with open(path, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
-    cache = os.path.join(resolve_cache_dir(cfg.cache_dir), "tokenizers")
-    path = os.path.join(cache, f"sft-v{vocab_size}-{h.hexdigest()}.model")
-    os.makedirs(cache, exist_ok=True)
-    with file_lock(path + ".lock"):
-        if not os.path.isfile(path):
-            train_tokenizer(chat_texts(files), path, vocab_size=vocab_size)
-    return PreparedData({}, path)
 
 
 def known_tokenizer(cfg: DataConfig) -> str | None:

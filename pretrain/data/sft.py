@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,10 @@ import numpy as np
 import torch
 
 from pretrain.data.loader import Batch
+from pretrain.data.objectives import Clm
+from pretrain.data.prepare import file_lock, resolve_cache_dir
 from pretrain.data.sources import resolve_local_files
+from pretrain.data.tokenizer import TOKENIZER_FORMAT, train_tokenizer
 from pretrain.data.windows import permute
 from pretrain.errors import DataError
 from pretrain.models.loss import IGNORE_INDEX
@@ -365,6 +369,8 @@ class SftLoader:
     loader's interface (`next_batch`, `eval_windows`, `state_dict`, `metrics`, ...)."""
 
     name = "sft"
+    objective = Clm()
+    """What the model computes per window: next-token prediction (FLOPs, window length)."""
 
     def __init__(self, convs: list[Conversation], split: str, *, seq_len: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
@@ -515,6 +521,26 @@ def build_sft_loaders(source: str, val_source: str | None, tokenizer: Any, *, se
               f"{t.input_tokens / t.tokens_per_epoch:.0%} filled, "
               f"{t.target_tokens / t.tokens_per_epoch:.0%} assistant targets", flush=True)
     return loaders
+
+
+def ensure_sft_tokenizer(source: str, tokenizer: str | None, cache_dir: str, *,
+                         vocab_size: int) -> str:
+    """The tokenizer of an sft run: `tokenizer` (data.tokenizer) when given, else one trained
+    once on the conversations' text (roles and contents), cached by the files' contents."""
+    if tokenizer is not None:
+        return tokenizer
+    files = resolve_local_files(source)
+    h = hashlib.blake2b(f"{vocab_size}:{TOKENIZER_FORMAT}".encode(), digest_size=8)
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    cache = os.path.join(resolve_cache_dir(cache_dir), "tokenizers")
+    path = os.path.join(cache, f"sft-v{vocab_size}-{h.hexdigest()}.model")
+    os.makedirs(cache, exist_ok=True)
+    with file_lock(path + ".lock"):
+        if not os.path.isfile(path):
+            train_tokenizer(chat_texts(files), path, vocab_size=vocab_size)
+    return path
 
 
 def chat_texts(files: Sequence[str]) -> Iterator[str]:

@@ -27,23 +27,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from pretrain.config import TrainConfig
-from pretrain.data.build import (
-    PreparedData,
-    build_loader,
-    ensure_data,
-    ensure_sft_data,
-    known_tokenizer,
-)
+from pretrain.data.build import PreparedData, build_loader, ensure_data, known_tokenizer
 from pretrain.data.loader import Batch, ShardedWindowLoader
-from pretrain.data.objectives import (
-    Clm,
-    Objective,
-    Span,
-    build_objective,
-    infill_split,
-    window_keys,
-)
-from pretrain.data.sft import SftLoader, build_sft_loaders
+from pretrain.data.objectives import Objective, Span, build_objective, infill_split, window_keys
+from pretrain.data.sft import SftLoader, build_sft_loaders, ensure_sft_tokenizer
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import NonFiniteError
 from pretrain.eval.generate import InfillDoc, generate, infill_exact_match
@@ -203,8 +190,9 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> PreparedData:
     A given tokenizer that lacks the objective's special pieces is refused before any data is
     prepared with it."""
     if cfg.objective.name == "sft":  # chat JSONL read by the loader: only the tokenizer
-        return _on_main_first(env, lambda: ensure_sft_data(cfg.data,
-                                                           vocab_size=cfg.model.vocab_size))
+        d = cfg.data
+        return _on_main_first(env, lambda: PreparedData({}, ensure_sft_tokenizer(
+            d.source, d.tokenizer, d.cache_dir, vocab_size=cfg.model.vocab_size)))
     tokenizer = known_tokenizer(cfg.data)
     if tokenizer is not None:
         Tokenizer.load(tokenizer).require_specials(cfg.objective.name)
@@ -262,9 +250,9 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     tokenizer = Tokenizer.load(data.tokenizer_path)
     name = cfg.objective.name
     if name == "sft":
-        objective: Objective = Clm()  # the model's cost is next-token prediction's
         train_loader, val_loader = build_sft_loaders_of(cfg, tokenizer, dp_rank, dims.dp,
                                                         log=env.is_main)
+        objective: Objective = train_loader.objective
     else:
         objective = build_objective(cfg.objective, tokenizer, vocab_size=cfg.model.vocab_size)
         train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank, objective)
