@@ -396,13 +396,16 @@ class DownstreamEvalConfig:
     tasks: list[str] = field(default_factory=list)
     """Task names, e.g. [hellaswag, arc_easy, piqa, lambada] (empty: none)."""
     every: int = 0
-    """Steps between downstream evaluations (0: only at the end of the run)."""
+    """Steps between downstream evaluations (0: only at the end of the run; a run also
+    evaluates at its end unless preempted)."""
     data_dir: str | None = None
     """Directory holding the task files (see the README); None: hub names through `datasets`."""
     limit: int | None = None
     """Items per task (None: all)."""
     batch_size: int = 16
     """Requests scored per forward pass."""
+    window: int | None = None
+    """Context window in tokens (longer contexts lose tokens on the left); None: seq_len."""
 
 
 @dataclass

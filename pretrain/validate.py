@@ -108,6 +108,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     validate_objective(cfg.objective, cfg.model, cfg.seq_len)
     if cfg.objective.name == "sft":
         validate_sft(cfg)
+    if cfg.evals.tasks:
+        validate_evals(cfg)
     validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None
                       else world_size)
     _require(cfg.precision in ("fp32", "bf16", "fp16"),
@@ -135,6 +137,33 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
              f"micro_batch_size={cfg.micro_batch_size}")
     _require(cfg.steps > 0 or (cfg.tokens or 0) > 0, "steps (or tokens) must be > 0")
     _require(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+
+
+def validate_evals(cfg: TrainConfig) -> None:
+    """evals.tasks: known tasks whose files exist, scored by a decoder on a layout where each
+    rank runs the whole model's forward (one process, DDP, FSDP)."""
+    from pretrain.errors import DataError
+    from pretrain.eval.tasks import parse_tasks, task_files
+
+    e, p = cfg.evals, cfg.parallel
+    try:
+        for name in parse_tasks(e.tasks):
+            if e.data_dir is not None:
+                task_files(name, e.data_dir)
+    except DataError as err:
+        raise ConfigError(f"evals.tasks: {err}") from None
+    _require(cfg.model.arch == "decoder" and cfg.objective.name not in ("mlm", "span"),
+             f"evals.tasks scores a decoder's log-likelihoods; this run trains "
+             f"model.arch={cfg.model.arch} objective={cfg.objective.name}: set evals.tasks=[]")
+    _require(p.backend == "native" and p.tp == 1 and p.pp == 1,
+             "evals.tasks needs every rank to run the whole model (one process, DDP or FSDP); "
+             f"parallel.tp={p.tp} pp={p.pp} backend={p.backend} does not: set evals.tasks=[] "
+             "and score the checkpoint with pretrain-eval")
+    _require(e.every >= 0, f"evals.every={e.every}; use 0 (only at the end) or a step count")
+    _require(e.batch_size >= 1, f"evals.batch_size={e.batch_size}; use a positive integer")
+    _require(e.limit is None or e.limit >= 1, f"evals.limit={e.limit}; use a positive integer "
+             "or null (all items)")
+    _require(e.window is None or e.window >= 2, f"evals.window={e.window}; use >= 2 or null")
 
 
 def validate_sft(cfg: TrainConfig) -> None:

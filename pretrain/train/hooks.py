@@ -9,7 +9,7 @@ The loop (`pretrain/train/trainer.py::train_loop`) calls, in order of `default_c
                                 optimizer step: may set `step.skip` (spike policy)
     on_log(run, metrics)        at log steps, with the settled numbers (metric sinks)
     after_step(run)             after the counters moved: faults, stop flags (preemption, time
-                                limit), evaluation, checkpoints
+                                limit), evaluation, downstream tasks, checkpoints
     on_end(run, status)         once the loop stopped: the final evaluation and checkpoint
 
 A callback implements only the hooks it needs. Each reads its own part of the config.
@@ -183,6 +183,67 @@ def evaluate(run: Run) -> dict[str, float]:
     return metrics
 
 
+class DownstreamEvaluation(Callback):
+    """`evals.tasks` every `evals.every` steps and at the end (not when preempted): each
+    data-parallel rank scores its share of the items, the sums are added over the ranks
+    (`pretrain.eval.downstream`); the metrics go to the sinks as eval/<task>/<metric>."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, Any] | None = None
+
+    def before_loop(self, run: Run) -> None:
+        if run.cfg.evals.tasks:
+            from pretrain.eval.tasks import load_task
+
+            e = run.cfg.evals
+            self.items = {n: load_task(n, e.data_dir, limit=e.limit) for n in e.tasks}
+
+    def after_step(self, run: Run) -> None:
+        every = run.cfg.evals.every
+        if self.items and _mid_run(run) and every > 0 and run.counters.step % every == 0:
+            evaluate_downstream(run, self.items)
+
+    def on_end(self, run: Run, status: str) -> None:
+        if self.items and status != "preempted":
+            evaluate_downstream(run, self.items)
+
+
+def evaluate_downstream(run: Run, items: dict[str, Any]) -> dict[str, float]:
+    from pretrain.eval.downstream import Collectives, evaluate_tasks, flat_metrics
+
+    module, dims = run.module, run.dims
+    model = getattr(module, "model", None)
+    group = run.mesh["dp"].get_group() if dims.dp > 1 and run.mesh is not None else None
+
+    def dp_max(n: int) -> int:
+        t = torch.tensor([n], dtype=torch.long, device=run.device)
+        if group is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return int(t)
+
+    def forward(tokens: Tensor) -> Tensor:
+        with module.autocast():
+            return model(tokens)
+
+    rank = run.mesh["dp"].get_local_rank() if group is not None else 0
+    start = time.perf_counter()
+    model.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"), module.attention(), torch.no_grad():
+            results = evaluate_tasks(
+                forward, run.tokenizer, items, max_len=run.cfg.evals.window or run.cfg.seq_len,
+                batch_size=run.cfg.evals.batch_size, device=run.device,
+                collectives=Collectives(rank, dims.dp, module.dp_sum, dp_max))
+    finally:
+        model.train()
+    metrics = flat_metrics(results)
+    metrics["eval/downstream_s"] = time.perf_counter() - start
+    run.counters.last_downstream = dict(metrics)
+    for s in run.sinks:
+        s.on_eval(run.counters.step, metrics)
+    return metrics
+
+
 class Checkpointing(Callback):
     """Every `ckpt_every` steps, when the wall-time interval is due, and at the end; an async
     save is finalized at log steps once every rank has written."""
@@ -277,7 +338,7 @@ def default_callbacks() -> list[Callback]:
     """In the order they run: faults before the guards; stop flags before evaluation and
     checkpoints, which skip when the run is stopping."""
     return [FaultInjection(), SpikeGuard(), StopFlags(), MetricSinks(), Evaluation(),
-            Checkpointing()]
+            DownstreamEvaluation(), Checkpointing()]
 
 
 def call(run: Run, hook: str, *args: Any) -> None:

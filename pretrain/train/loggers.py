@@ -72,6 +72,10 @@ class ConsoleSink(Sink):
             print(f"step {step} | {text}", flush=True)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if "val/loss" not in metrics:  # downstream tasks (evals.tasks): eval/<task>/<metric>
+            self.on_text(f"step {step} | " + " | ".join(
+                f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items()))
+            return
         # The objective's own metrics (val/mlm_acc, val/span_em, val/middle_loss, ...) follow.
         extra = "".join(f" | {k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()
                         if k not in ("val/loss", "val/ppl"))

@@ -77,6 +77,8 @@ class Counters:
     """The last evaluation's metrics (val/loss and the objective's own, e.g. val/mlm_acc)."""
     skip_steps: list[int] = field(default_factory=list)
     """Steps whose batch is consumed without an update (spikes rolled back)."""
+    last_downstream: dict[str, float] = field(default_factory=dict)
+    """The last downstream evaluation's metrics (eval/<task>/<metric>, `evals.tasks`)."""
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -486,6 +488,7 @@ def build_summary(run: Run, status: str, wall_time: float) -> dict[str, Any]:
         "best_val_loss": c.best_val_loss if c.evals else None,
         "final_val_ppl": math.exp(min(c.last_val_loss, 50.0)) if c.evals else None,
         "final_eval": dict(c.last_eval) if c.evals else None,
+        "downstream": dict(c.last_downstream) or None,
         "wall_time_s": wall_time,
         "tokens_per_sec": run.counters.tokens / max(wall_time, 1e-9),
         "skipped_steps": run.counters.skipped_total,
