@@ -22,7 +22,11 @@ from typing import Any
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import (
+    get_rolling_token_windows,
+    make_disjoint_window,
+    simple_parse_args_string,
+)
 
 from pretrain.eval.downstream import (
     encode_pair,
@@ -54,11 +58,29 @@ class PretrainLM(LM):
                  **_: Any) -> None:
         super().__init__()
         model, self.tok, window = load_for_eval(checkpoint, tokenizer)
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line defaults to cuda; its own HF model falls back the same way
+            print(f"note: device={device} but CUDA is not available; using the CPU")
+            device = "cpu"
         self.device_ = torch.device(device or "cpu")
         self.model = model.to(self.device_)
         self.batch_size = _int_or(batch_size, 16)
         self.max_length = _int_or(max_length, window)
         self.forward = model_forward(self.model)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> PretrainLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> PretrainLM:
+        """model_args win over the harness's own flags (its --batch_size, --device) where both
+        name a value; lm-eval's default would pass both and fail."""
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     def _scores(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         scored = loglikelihoods(self.forward, pairs, max_len=self.max_length,

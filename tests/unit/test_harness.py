@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,18 @@ def test_rolling_and_generation_requests(setup: dict) -> None:
     [gen] = lm.generate_until([Instance("generate_until", {}, (
         "def ", {"until": ["\n"], "max_gen_toks": 8}), 0)])
     assert isinstance(gen, str) and "\n" not in gen
+
+
+def test_pretrain_lm_eval_passes_the_harness_arguments_through(setup: dict) -> None:
+    """The console script: lm-eval's own flags, `--model pretrain` known to its registry."""
+    from tests.conftest import console_script
+
+    root = setup["root"]
+    proc = subprocess.run(
+        [console_script("pretrain-lm-eval"), "--model", "pretrain", "--model_args",
+         f"checkpoint={root / 'hf'},batch_size=4", "--tasks", "local_piqa", "--include_path",
+         str(root / "yaml"), "--limit", "4"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"local_piqa.*\|acc\s*\|", proc.stdout), proc.stdout
