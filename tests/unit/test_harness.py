@@ -86,8 +86,9 @@ def test_harness_numbers_equal_pretrain_eval(setup: dict) -> None:
     ours = {(r["task"], r["metric"]): r["value"] for r in json.loads(out.read_text())["results"]}
     results = lm_eval.simple_evaluate(
         model="pretrain", model_args=f"checkpoint={root / 'hf'},batch_size=3",
-        tasks=[f"local_{t}" for t in OFFICIAL], task_manager=TaskManager(
-            include_path=str(root / "yaml")), bootstrap_iters=0, log_samples=False)["results"]
+        tasks=[f"local_{t}" for t in OFFICIAL],
+        task_manager=TaskManager(include_path=str(root / "yaml"), include_defaults=False),
+        bootstrap_iters=0, log_samples=False)["results"]
     compared = 0
     for (task, metric), value in ours.items():
         theirs = results[f"local_{task}"][f"{metric},none"]
