@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from pretrain.data.hf_tokenizer import HFTokenizer
 from pretrain.data.sft import (
     BadRecord,
     Conversation,
@@ -104,6 +104,8 @@ def _runs(ids: list[int], labels: list[bool]) -> list[list[int]]:
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_BOS = "{{ bos_token }}" + CHATML
+"""ChatML led by the BOS token's text, as LLaMA's and Mistral's templates are."""
 
 
 def hf_tokenizer(template: str = CHATML) -> Any:
@@ -127,18 +129,32 @@ def hf_tokenizer(template: str = CHATML) -> Any:
     return tok
 
 
-def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token() -> None:
-    hf = hf_tokenizer()
-    wrapped = SimpleNamespace(hf=hf, bos_id=2, eos_id=3, pad_id=0)
-    template = chat_template(wrapped)
-    assert isinstance(template, HFChatTemplate)
-    enc = template.encode(CHAT)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CHAT)
+def saved_hf_tokenizer(directory: Path, template: str = CHATML) -> HFTokenizer:
+    """`hf_tokenizer(template)` saved with save_pretrained to `directory`, loaded back as a run
+    loads it: `Tokenizer.load("hf:DIR")`."""
+    hf_tokenizer(template).save_pretrained(directory)
+    tok = Tokenizer.load(f"hf:{directory}")
+    assert isinstance(tok, HFTokenizer)
+    return tok
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_BOS], ids=["chatml", "bos+chatml"])
+def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token(
+        tmp_path: Path, template: str) -> None:
+    tok = saved_hf_tokenizer(tmp_path / "tok", template)
+    assert tok.chat_template == template
+    hf = tok.hf
+    encoder = chat_template(tok)
+    assert isinstance(encoder, HFChatTemplate)
+    enc = encoder.encode(CHAT)
+    lead = "<s>" if template == CHATML_BOS else ""
+    text = lead + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CHAT)
     # Independently of the prefix renderings: the characters each token covers in the text.
     plain = hf(text, add_special_tokens=False, return_offsets_mapping=True)
     assert enc.ids == plain["input_ids"]
+    assert enc.ids.count(tok.bos_id) == (1 if lead else 0)  # the template's BOS, not doubled
     answers = []  # [start, end) of each answer's content through "<|im_end|>\n"
-    at = 0
+    at = len(lead)
     for m in CHAT:
         at += len(f"<|im_start|>{m['role']}\n")
         end = at + len(m["content"]) + len("<|im_end|>\n")
@@ -152,15 +168,15 @@ def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token()
 
 
 def test_the_loader_trains_an_hf_template_on_its_answers_only(tmp_path: Path) -> None:
-    hf = hf_tokenizer()
-    wrapped = SimpleNamespace(hf=hf, bos_id=hf.bos_token_id, eos_id=hf.eos_token_id,
-                              pad_id=hf.pad_token_id)
+    tok = saved_hf_tokenizer(tmp_path / "tok")
+    hf = tok.hf
     records = synthetic_chats(40, seed=2)
     path = tmp_path / "hf.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    train, val = build_sft_loaders(str(path), str(path), wrapped, seq_len=128,
+    train, val = build_sft_loaders(str(path), str(path), tok, seq_len=128,
                                    micro_batch_size=4, dp_rank=0, dp_size=1, seed=0,
-                                   vocab_size=len(hf), val_fraction=0.0)
+                                   vocab_size=tok.vocab_size, val_fraction=0.0)
+    assert train.pad_id == tok.pad_id == hf.pad_token_id
     answers = sorted(m["content"] + "<|im_end|>\n" for r in records for m in r["messages"]
                      if m["role"] == "assistant")
     got = []
