@@ -12,9 +12,10 @@ prefixes: assistant message k spans from the end of ``messages[:k]`` rendered wi
 generation prompt (the assistant header) to the end of ``messages[:k + 1]``, so the span holds
 the answer and the template's end-of-turn token. A template whose prefixes are not prefixes of
 the whole rendering (one that rewrites earlier turns) is refused record by record. Our
-SentencePiece tokenizers use the default template, in tokens::
+SentencePiece tokenizers (and Hugging Face ones without a template) use the default template,
+in tokens::
 
-    BOS
+    BOS (when the tokenizer has one)
     per message:  encode("<|{role}|>\\n") + encode(content) + (EOS if assistant else encode("\\n"))
 
 The loss covers each assistant message's content tokens and its EOS (so generation learns to
@@ -81,7 +82,7 @@ _SHOWN_BAD = 3  # bad lines named per file in the summary
 class TextTokenizer(Protocol):
     """What the default template needs of a tokenizer (our SentencePiece `Tokenizer`)."""
 
-    bos_id: int
+    bos_id: int | None
     eos_id: int
 
     def encode(self, text: str) -> list[int]: ...
@@ -117,7 +118,9 @@ class DefaultTemplate:
         self.newline = tokenizer.encode("\n")
 
     def encode(self, messages: Sequence[Message]) -> Encoded:
-        ids, labels, ends = [self.tok.bos_id], [False], []
+        # A tokenizer without BOS (an HF one, Qwen's, ...) starts with the first header.
+        ids = [] if self.tok.bos_id is None else [self.tok.bos_id]
+        labels, ends = [False] * len(ids), []
         for m in messages:
             header = self.headers[m["role"]]
             body = self.tok.encode(m["content"])

@@ -420,3 +420,24 @@ def test_a_plain_text_prompt_encodes_as_the_template_renders_it(sp: Tokenizer) -
     prompt = text.replace("<|assistant|>\n2 + 3 = 5.", "<|assistant|>\n")
     assert sp.encode(prompt, bos=True) == (template.encode(history[:2]).ids
                                            + template.headers["assistant"])
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
+def test_an_hf_tokenizer_without_a_template_uses_the_default_one(tmp_path: Path,
+                                                                 bos: bool) -> None:
+    """A base model's tokenizer (no chat template; some, as Qwen's, without BOS) trains on the
+    default template, and `pretrain-generate`'s plain-text prompt encodes as it renders."""
+    hf = hf_tokenizer(template=None)
+    if not bos:
+        hf.bos_token = None
+    hf.save_pretrained(tmp_path / "tok")
+    tok = Tokenizer.load(f"hf:{tmp_path / 'tok'}")
+    assert tok.chat_template is None and (tok.bos_id is not None) == bos
+    template = chat_template(tok)
+    assert isinstance(template, DefaultTemplate)
+    enc = template.encode(CHAT[:3])
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in CHAT[:2]) + "<|assistant|>\n"
+    prompt = tok.encode(text, bos=True)
+    answer = tok.encode(CHAT[2]["content"]) + [tok.eos_id]
+    assert enc.ids == prompt + answer
+    assert enc.labels == [False] * len(prompt) + [True] * len(answer)
