@@ -167,6 +167,40 @@ def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token(
     assert [hf.decode(s) for s in spans] == ["2 + 3 = 5.<|im_end|>\n", "stone apple.<|im_end|>\n"]
 
 
+# Other shapes of real templates, on the same tokenizer: (template, each answer's end-of-turn).
+OTHER_TEMPLATES = {
+    # LLaMA-3's: a header closed by a special token, "\n\n", the content trimmed, EOS per turn.
+    "llama3": ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>\n\n"
+               "{{ m['content'] | trim }}</s>{% endfor %}{% if add_generation_prompt %}"
+               "<|im_start|>assistant<|im_end|>\n\n{% endif %}", "</s>"),
+    # Mistral's: no generation prompt, system messages dropped, answers end in EOS.
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                "{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}"
+                "</s>{% endif %}{% endfor %}", "</s>"),
+    # Qwen's: a default system message when the conversation has none.
+    "qwen": ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + "
+             "messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n"
+             "You are a bot.<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}{%- if not "
+             "(m.role == 'system' and loop.first) %}{{- '<|im_start|>' + m.role + '\\n' + "
+             "m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if "
+             "add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+             "<|im_end|>\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_TEMPLATES))
+@pytest.mark.parametrize("system", [True, False], ids=["system", "no-system"])
+def test_other_template_shapes_mask_exactly_the_answers(tmp_path: Path, name: str,
+                                                        system: bool) -> None:
+    template, end = OTHER_TEMPLATES[name]
+    tok = saved_hf_tokenizer(tmp_path / "tok", template)
+    chat = CHAT if system else CHAT[1:]
+    enc = chat_template(tok).encode(chat)
+    assert enc.ids == tok.hf.apply_chat_template(chat, tokenize=True, return_dict=False)
+    spans = _runs(enc.ids, enc.labels)
+    assert [tok.hf.decode(s) for s in spans] == ["2 + 3 = 5." + end, "stone apple." + end]
+
+
 def test_the_loader_trains_an_hf_template_on_its_answers_only(tmp_path: Path) -> None:
     tok = saved_hf_tokenizer(tmp_path / "tok")
     hf = tok.hf
