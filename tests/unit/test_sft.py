@@ -167,16 +167,16 @@ def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token(
     assert [hf.decode(s) for s in spans] == ["2 + 3 = 5.<|im_end|>\n", "stone apple.<|im_end|>\n"]
 
 
-# Other shapes of real templates, on the same tokenizer: (template, each answer's end-of-turn).
+# Other shapes of real templates, on the same tokenizer: (template, an answer's masked text).
 OTHER_TEMPLATES = {
     # LLaMA-3's: a header closed by a special token, "\n\n", the content trimmed, EOS per turn.
     "llama3": ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>\n\n"
                "{{ m['content'] | trim }}</s>{% endfor %}{% if add_generation_prompt %}"
-               "<|im_start|>assistant<|im_end|>\n\n{% endif %}", "</s>"),
+               "<|im_start|>assistant<|im_end|>\n\n{% endif %}", "{}</s>"),
     # Mistral's: no generation prompt, system messages dropped, answers end in EOS.
     "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
                 "{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}"
-                "</s>{% endif %}{% endfor %}", "</s>"),
+                "</s>{% endif %}{% endfor %}", "{}</s>"),
     # Qwen's: a default system message when the conversation has none.
     "qwen": ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + "
              "messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n"
@@ -184,7 +184,13 @@ OTHER_TEMPLATES = {
              "(m.role == 'system' and loop.first) %}{{- '<|im_start|>' + m.role + '\\n' + "
              "m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if "
              "add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
-             "<|im_end|>\n"),
+             "{}<|im_end|>\n"),
+    # Vicuna's: plain-text roles, a generation prompt ending in a space that the answer's first
+    # token absorbs in the whole rendering ("ASSISTANT: " is not a token prefix of it).
+    "vicuna": ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+               "{% elif m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
+               "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}"
+               "ASSISTANT: {% endif %}", " {}</s>"),
 }
 
 
@@ -192,13 +198,14 @@ OTHER_TEMPLATES = {
 @pytest.mark.parametrize("system", [True, False], ids=["system", "no-system"])
 def test_other_template_shapes_mask_exactly_the_answers(tmp_path: Path, name: str,
                                                         system: bool) -> None:
-    template, end = OTHER_TEMPLATES[name]
+    template, answer = OTHER_TEMPLATES[name]
     tok = saved_hf_tokenizer(tmp_path / "tok", template)
     chat = CHAT if system else CHAT[1:]
     enc = chat_template(tok).encode(chat)
     assert enc.ids == tok.hf.apply_chat_template(chat, tokenize=True, return_dict=False)
     spans = _runs(enc.ids, enc.labels)
-    assert [tok.hf.decode(s) for s in spans] == ["2 + 3 = 5." + end, "stone apple." + end]
+    assert [tok.hf.decode(s) for s in spans] == [answer.format("2 + 3 = 5."),
+                                                 answer.format("stone apple.")]
 
 
 def test_the_loader_trains_an_hf_template_on_its_answers_only(tmp_path: Path) -> None:
