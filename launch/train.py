@@ -12,11 +12,12 @@ start leaves an existing run as it was.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from launch.common import (
     checked_config,
@@ -32,8 +33,59 @@ from pretrain.errors import PretrainError
 register_configs()
 
 
+def explicit_keys(overrides: list[str], group: str) -> set[str]:
+    """Fields of config group `group` the command line sets (`model.n_layers=3`, `+model.x=1`;
+    not a preset choice `model=cpu`, whose values are defaults)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set()
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        if key.startswith(f"{group}.") and not o.is_delete():
+            keys.add(key[len(group) + 1:])
+    return keys
+
+
+def apply_init_from(dcfg: DictConfig) -> None:
+    """init_from: the model config becomes the weights' (a command-line `model.X` that
+    contradicts them is an error; the preset's other values do not count), and without
+    data.tokenizer, data prepared from a corpus uses the weights' tokenizer."""
+    init_from = dcfg.get("init_from")
+    if not init_from:
+        return
+    from pretrain.train.initial import base_tokenizer, model_config_of, resolve_model
+
+    overrides = list(HydraConfig.get().overrides.task)
+    resumable = _resumable(dcfg)
+    if resumable is not None and not Path(init_from).exists():
+        # The run resumes (resume wins): its own checkpoint gives the model.
+        source = model_config_of(str(resumable))
+    else:
+        source = model_config_of(init_from)
+    configured = OmegaConf.to_object(dcfg.model)
+    dcfg.model = resolve_model(source, configured, explicit_keys(overrides, "model"), init_from)
+    data = dcfg.data
+    if data.tokenizer is None and data.dir is None and not data.mix:
+        data.tokenizer = base_tokenizer(init_from)
+
+
+def _resumable(dcfg: DictConfig) -> Path | None:
+    """The checkpoint resume=auto finds in this run's directory, if any."""
+    if dcfg.get("resume") != "auto":
+        return None
+    from pretrain.train.checkpoint import find_resumable
+
+    with warnings.catch_warnings():  # the trainer warns about damaged ones when it resumes
+        warnings.simplefilter("ignore")
+        return find_resumable(Path(HydraConfig.get().runtime.output_dir) / "checkpoints")
+
+
 @hydra.main(config_path=config_dir(), config_name="train", version_base=None)
 def hydra_main(dcfg: DictConfig) -> float:
+    try:
+        apply_init_from(dcfg)
+    except PretrainError as e:
+        fail(str(e))
     cfg = checked_config(dcfg)
     if cfg.parallel.backend == "deepspeed" and not is_launched():
         fail(deepspeed_launch_hint())

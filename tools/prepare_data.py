@@ -7,6 +7,12 @@ Run the same command again after an interruption and it continues from the last 
 (the result is byte-identical to an uninterrupted run, and the speed printed counts only the
 tokens this run wrote); --overwrite starts afresh. Train with it
 by setting data.dir=data/prepared (its tokenizer.model is used by default).
+
+    pretrain-prepare-data --source 'data/*.jsonl' --tokenizer hf:models/llama --out data/llama
+
+tokenizes with the Hugging Face tokenizer of that directory (transformers' AutoTokenizer,
+local files only); the manifest records the sha256 of its files, and the directory keeps a
+copy of them (hf_tokenizer/).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from tools.common import add_corpus_arguments
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_corpus_arguments(p)
-    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    p.add_argument("--tokenizer", required=True,
+                   help="SentencePiece .model file, or hf:DIR (a transformers tokenizer directory)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="tokenizer processes (default: all CPUs)")

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from pretrain.data.dedup import HashSet, doc_hashes
+from pretrain.data.hf_tokenizer import HFTokenizer, tokenizer_files
 from pretrain.data.shard_writer import (
     PROGRESS_NAME,
     SplitWriter,
@@ -58,6 +59,8 @@ if TYPE_CHECKING:  # importing the config pulls in Hydra, which spawned workers 
 
 SPLITS = ("train", "val")
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_DIR = "hf_tokenizer"
+"""Where a prepared directory keeps a copy of a transformers tokenizer's files."""
 # Bump when tokenizer training or preparation changes output, so stale caches are not reused.
 _CACHE_VERSION = 1
 _BATCH_BYTES = 1 << 18  # documents per worker task: enough work to amortize the round trip
@@ -329,7 +332,7 @@ def prepare(
                         f"({counts['read']} read, {counts['duplicates']} duplicates, skipped: "
                         f"{read_stats.describe()}); check the source and text field, or lower "
                         "val_fraction")
-    _copy_tokenizer(tokenizer_path, out_dir)
+    _copy_tokenizer(tok, out_dir)
     manifest = _manifest(tok, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
                          val_shard_tokens=_val_shard_tokens(shard_tokens, val_fraction),
                          dedup=dedup, documents=counts, prepare_key=key, source=params)
@@ -430,10 +433,22 @@ def count_document_tokens(
                             initargs=(tokenizer_path,))
 
 
-def _copy_tokenizer(tokenizer_path: str, out_dir: str) -> None:
-    target = os.path.join(out_dir, TOKENIZER_FILE)
-    if not (os.path.exists(target) and os.path.samefile(tokenizer_path, target)):
-        shutil.copyfile(tokenizer_path, target)
+def _tokenizer_file(tok: Tokenizer) -> str:
+    """The tokenizer's name inside a prepared directory: a SentencePiece model file, or a
+    directory with a transformers tokenizer's files."""
+    return HF_TOKENIZER_DIR if isinstance(tok, HFTokenizer) else TOKENIZER_FILE
+
+
+def _copy_tokenizer(tok: Tokenizer, out_dir: str) -> None:
+    target = os.path.join(out_dir, _tokenizer_file(tok))
+    if isinstance(tok, HFTokenizer):
+        if os.path.abspath(tok.directory) != os.path.abspath(target):
+            os.makedirs(target, exist_ok=True)
+            for path in tokenizer_files(tok.directory):
+                shutil.copyfile(path, os.path.join(target, path.name))
+        return
+    if not (os.path.exists(target) and os.path.samefile(tok.path, target)):
+        shutil.copyfile(tok.path, target)
 
 
 def _manifest(tok: Tokenizer, splits: dict[str, Any], **params: Any) -> dict[str, Any]:
@@ -445,8 +460,9 @@ def _manifest(tok: Tokenizer, splits: dict[str, Any], **params: Any) -> dict[str
         "dtype": dtype_for_vocab(tok.vocab_size).name,
         "eos_id": tok.eos_id,
         "n_tokens": sum(s["n_tokens"] for s in splits.values()),
-        "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": tok.fingerprint,
-                      "source_path": os.path.abspath(tok.path)},
+        "tokenizer": {"file": _tokenizer_file(tok), "fingerprint": tok.fingerprint,
+                      "source_path": tok.path if isinstance(tok, HFTokenizer)
+                      else os.path.abspath(tok.path)},
         "splits": splits,
     }
 
@@ -511,8 +527,10 @@ def _check_prepared_dir(cfg: DataConfig, vocab_size: int) -> tuple[str, str]:
 
 
 def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
-    """DataError unless the tokenizer's vocabulary is the model's."""
-    if tok.vocab_size != vocab_size:
+    """DataError unless the tokenizer's vocabulary is the model's (a transformers tokenizer's
+    may be smaller: models pad their embedding matrix)."""
+    if tok.vocab_size > vocab_size or (tok.vocab_size < vocab_size
+                                       and not isinstance(tok, HFTokenizer)):
         raise DataError(f"tokenizer {tok.path} has vocabulary {tok.vocab_size} but "
                         f"model.vocab_size={vocab_size}; set model.vocab_size={tok.vocab_size} "
                         "or use a matching tokenizer")

@@ -153,7 +153,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
-        """Load a `.model` file; DataError naming the file when it is missing or corrupt."""
+        """Load a `.model` file, or a transformers tokenizer given as 'hf:DIR' (or a directory:
+        an `HFTokenizer`); DataError naming the file when it is missing or corrupt."""
+        from pretrain.data.hf_tokenizer import HFTokenizer, is_hf_spec
+
+        if is_hf_spec(path):
+            return HFTokenizer.load(path)
         if not os.path.isfile(path):
             raise DataError(f"tokenizer {path} does not exist; train one with "
                             "`pretrain-train-tokenizer`, or set data.tokenizer=null to train one "

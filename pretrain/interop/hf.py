@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from pretrain.config import ModelConfig
+from pretrain.data.hf_tokenizer import HFTokenizer, is_hf_spec, tokenizer_files
 from pretrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from pretrain.models.llama import ffn_hidden_dim
 
@@ -54,10 +55,12 @@ __all__ = [
     "from_hf_config",
     "from_hf_state_dict",
     "hf_class",
+    "hf_ignored",
     "import_hf",
     "save_hf_tokenizer",
     "spm_to_hf_tokenizer",
     "to_hf_config",
+    "to_hf_key",
     "to_hf_state_dict",
 ]
 
@@ -624,6 +627,24 @@ def _names(arch: str, *, gated: bool = True, roberta: bool = False,
     )
 
 
+def _decoder_names(cfg: ModelConfig) -> _Names:
+    if hf_class(cfg) != _LLAMA:
+        raise ValueError(f"model {cfg.name!r} (arch={cfg.arch}) has no per-parameter HF names; "
+                         "only the decoder (LlamaForCausalLM) loads sharded")
+    return _names(cfg.arch)
+
+
+def to_hf_key(key: str, cfg: ModelConfig) -> str:
+    """The LlamaForCausalLM name of our parameter `key` (`layers.0.attention.wq.weight` ->
+    `model.layers.0.self_attn.q_proj.weight`): the one mapping, for loading by name."""
+    return _decoder_names(cfg).rename(key)
+
+
+def hf_ignored(cfg: ModelConfig) -> tuple[str, ...]:
+    """Substrings of LlamaForCausalLM names that hold nothing we keep (buffers)."""
+    return _decoder_names(cfg).ignored
+
+
 def _expected(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Names and shapes of the state dict of our model of `cfg` (built on meta: no memory)."""
     from pretrain.models.build import build_model
@@ -847,20 +868,28 @@ def export_hf(
 ) -> Path:
     """Write a directory that transformers' `from_pretrained(out_dir)` loads as the model's
     class (`hf_class`: config.json, generation_config.json for the generating ones,
-    safetensors weights in `dtype`) and, given a SentencePiece model, that
-    `AutoTokenizer.from_pretrained(out_dir)` loads. Checks everything before writing anything.
-    Returns out_dir."""
+    safetensors weights in `dtype`) and, given a tokenizer, one that
+    `AutoTokenizer.from_pretrained(out_dir)` loads (a SentencePiece model converted, or a
+    transformers tokenizer given as 'hf:DIR' copied as it is, its special ids in the config).
+    Checks everything before writing anything. Returns out_dir."""
     import transformers
 
     if not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype}; export weights as a floating-point type")
     check_exportable(cfg)
     mask_token_id: int | None = MASK_ID
-    if tokenizer_path is not None:  # a tokenizer we cannot export fails before any write
+    hf_tok = None
+    if tokenizer_path is not None and is_hf_spec(tokenizer_path):  # a transformers tokenizer
+        hf_tok = HFTokenizer.load(tokenizer_path)
+        mask_token_id = hf_tok.hf.mask_token_id
+    elif tokenizer_path is not None:  # a tokenizer we cannot export fails before any write
         pieces = [p.piece for p in _load_spm_proto(tokenizer_path).pieces]
         mask_token_id = pieces.index(_MASK) if _MASK in pieces else None
     cls = hf_class(cfg)
     hf_cfg = to_hf_config(cfg, mask_token_id=mask_token_id)
+    if hf_tok is not None:  # its special ids, not the fixed ones of our SentencePiece models
+        hf_cfg.bos_token_id, hf_cfg.eos_token_id = hf_tok.bos_id, hf_tok.eos_id
+        hf_cfg.pad_token_id = hf_tok.hf.pad_token_id
     hf_state = {k: v.detach().to("cpu", dtype)
                 for k, v in to_hf_state_dict(state_dict, cfg).items()}
     with torch.device("meta"):  # no allocation and no random init: the weights come from us
@@ -878,7 +907,10 @@ def export_hf(
     if cls == _MODERN_BERT:
         _update_config(out, global_attn_every_n_layers=1, global_rope_theta=cfg.rope_theta,
                        local_rope_theta=cfg.rope_theta)
-    if tokenizer_path is not None:
+    if hf_tok is not None:  # the very files it was loaded from
+        for path in tokenizer_files(hf_tok.directory):
+            shutil.copyfile(path, out / path.name)
+    elif tokenizer_path is not None:
         save_hf_tokenizer(tokenizer_path, out, model_max_length=cfg.max_seq_len, arch=cfg.arch,
                           token_types=cls == _BERT)
     return out

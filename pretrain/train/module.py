@@ -69,6 +69,7 @@ from pretrain.parallel.pipeline import (
     pipeline_step,
 )
 from pretrain.train.checkpoint import ModelOptimState
+from pretrain.train.initial import load_initial_weights
 from pretrain.train.optim import build_optimizer, build_schedule
 
 
@@ -94,6 +95,8 @@ class StepSettings:
     """Seed of the layout-independent initialization."""
     lora: LoraConfig | None = None
     """Low-rank adapters on a frozen base (None: the whole model trains)."""
+    init_from: str | None = None
+    """Weights loaded over the initialization (`pretrain.train.initial`); None: random."""
 
     @classmethod
     def of(cls, cfg: TrainConfig, device: torch.device) -> StepSettings:
@@ -104,7 +107,8 @@ class StepSettings:
                    compile=compile_enabled(cfg, device),
                    chunked_loss=uses_chunked_loss(cfg.loss, cfg.parallel),
                    sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed,
-                   lora=cfg.lora if cfg.lora.rank > 0 else None)
+                   lora=cfg.lora if cfg.lora.rank > 0 else None,
+                   init_from=cfg.init_from)
 
 
 def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
@@ -178,6 +182,8 @@ class TrainModule:
                         compile=s.compile, parallel=self.parallel, precision=s.precision)
         self.parts = [part for _, part in stages]
         init_model_weights(self.parts, self.model_cfg, s.seed, self.device)
+        if s.init_from is not None:
+            load_initial_weights(self.parts, s.init_from, self.model_cfg)
         for part in self.parts:
             check_initialized(part)
             part.train()

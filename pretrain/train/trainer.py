@@ -37,6 +37,8 @@ from pretrain.eval.scores import Scorer, build_scorer
 from pretrain.models.build import count_params, flops_per_token
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.adapters import BASE_KEY, base_record
+from pretrain.train.compat import resumable_checkpoint
 from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
 from pretrain.train.hooks import (
     Callback,
@@ -48,6 +50,7 @@ from pretrain.train.hooks import (
     settle,
 )
 from pretrain.train.host import tune_cpu_allocator
+from pretrain.train.initial import check_base_tokenizer
 from pretrain.train.loggers import Sink, build_sinks
 from pretrain.train.metrics import device_peak_flops, peak_memory_gb
 from pretrain.train.module import StepSettings, TrainModule, build_train_module
@@ -121,6 +124,8 @@ class Run:
     """The objective's validation metrics besides the loss (None for clm)."""
     infill_docs: list[InfillDoc] = field(default_factory=list)
     """fim: held-out (prefix, middle, suffix) documents for the infill exact match."""
+    lora_base: dict[str, Any] | None = None
+    """LoRA: the frozen base the adapters need (`pretrain.train.adapters.base_record`)."""
 
     def extra_eval(self) -> dict[str, float]:
         """Metrics that generate rather than score a batch: the FIM infill exact match, on a
@@ -163,6 +168,8 @@ class Run:
             "config": ckpt.Record(dataclasses.asdict(self.cfg)),
             "tokenizer_path": ckpt.Record(self.tokenizer.path),
         }
+        if self.lora_base is not None:  # LoRA checkpoints lack the base: name it
+            state[BASE_KEY] = ckpt.Record(self.lora_base)
         return state
 
 
@@ -223,6 +230,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
     data = prepare_data(cfg, env)
     tokenizer = Tokenizer.load(data.tokenizer_path)
+    if cfg.init_from is not None:
+        check_base_tokenizer(cfg.init_from, tokenizer)
     objective = build_objective(cfg.objective, tokenizer, vocab_size=cfg.model.vocab_size)
     train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank, objective)
     name = cfg.objective.name
@@ -232,8 +241,14 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
     fpt = run_flops_per_token(cfg, objective)
     total = total_steps_of(cfg, fpt)
+    settings = StepSettings.of(cfg, device)
+    # Resume wins over init_from, but for LoRA, whose checkpoints hold the adapters only: the
+    # frozen base is read again (`check_resume` made sure it is the same).
+    if (cfg.init_from is not None and cfg.lora.rank == 0
+            and resumable_checkpoint(cfg, run_dir) is not None):
+        settings = dataclasses.replace(settings, init_from=None)
     module = build_train_module(model=cfg.model, optim=cfg.optim, parallel=cfg.parallel,
-                                settings=StepSettings.of(cfg, device), dims=dims, mesh=mesh,
+                                settings=settings, dims=dims, mesh=mesh,
                                 device=device, total_steps=total)
     peak, _ = device_peak_flops(device, cfg.data.cache_dir)
     return Run(
@@ -245,6 +260,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
                                        async_save=cfg.ckpt_async),
         spike=SpikeDetector(window=cfg.spike_window, threshold=cfg.spike_threshold),
         scorer=scorer, infill_docs=infill_docs,
+        lora_base=(base_record(cfg.init_from, cfg.model, cfg.seed) if cfg.lora.rank > 0
+                   else None),
     )
 
 
