@@ -17,9 +17,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from pretrain.config import LoraConfig, ModelConfig
 from pretrain.errors import CheckpointError, ConfigError
-from pretrain.train.initial import describe_base
+from pretrain.models.build import build_model
+from pretrain.models.lora import apply_lora
+from pretrain.parallel.parallelize import init_model_weights
+from pretrain.train import checkpoint as ckpt
+from pretrain.train.initial import describe_base, load_initial_weights
 
 BASE_KEY = "lora_base"
 """The trainer-state key of the base record."""
@@ -79,3 +86,30 @@ def lora_mismatches(now: LoraConfig, saved: dict[str, Any]) -> list[tuple[str, A
         found.append(("lora.targets", f"[{','.join(now.targets)}]",
                       f"[{','.join(saved.get('targets', []))}]"))
     return found
+
+
+def is_lora_run(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's trainer state is a LoRA run's (its tensors: adapters only)."""
+    return int(state.get("config", {}).get("lora", {}).get("rank", 0) or 0) > 0
+
+
+def load_lora_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A LoRA run's model on the CPU, in eval mode: its base (from the `init_from` or seed the
+    checkpoint names, checked by digest) with the checkpoint's adapters; and the trainer state.
+    One process, any layout the checkpoint was written on."""
+    found = ckpt.resolve_checkpoint(path)
+    state = ckpt.load_trainer_state(found)
+    saved = state["config"]
+    model_cfg = ModelConfig(**{k: v for k, v in saved["model"].items()
+                               if k in ModelConfig.__dataclass_fields__})
+    lora = LoraConfig(**saved["lora"])
+    init_from, seed = saved.get("init_from"), int(saved["seed"])
+    check_base(found, state, init_from, model_cfg, seed)
+    model = apply_lora(build_model(model_cfg, device="meta"), rank=lora.rank, alpha=lora.alpha,
+                       dropout=lora.dropout, targets=lora.targets)
+    cpu = torch.device("cpu")
+    init_model_weights([model], model_cfg, seed, cpu)
+    if init_from is not None:
+        load_initial_weights([model], init_from, model_cfg)
+    ckpt.load_checkpoint(found, model)  # the adapters only: the model has a frozen base
+    return model.eval(), state
