@@ -13,9 +13,13 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from pretrain.config import ModelConfig
+from pretrain.interop.hf import export_hf
 from pretrain.train.adapters import BASE_KEY, load_lora_model
 from pretrain.train.checkpoint import resolve_checkpoint
+from pretrain.train.consolidate import load_model_for_export
 from tests.conftest import console_script, refusal_line, run_train, step_losses, train_env
+from tools.export_hf import main as export_main
 
 LORA = ("lora.rank=8", "lora.alpha=16", "lora.targets=[wq,wk,wv,wo,w1,w2,w3]",
         "optim.lr=3e-3", "steps=6", "ckpt_every=3", "ckpt_keep=0", "eval_every=0",
@@ -35,9 +39,16 @@ def run_tool(cache_dir: Path, name: str, *args: str,
 def runs(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two bases (4 steps of full training, different seeds) and the LoRA run on the first."""
     out = tmp_path_factory.mktemp("lora-e2e")
-    for name, seed in (("base", 1), ("other_base", 2)):
-        run_train(cache_dir, out, name, "steps=4", "ckpt_every=0", "eval_every=0", f"seed={seed}")
+    run_train(cache_dir, out, "base", "steps=4", "ckpt_every=0", "eval_every=0")
     run_train(cache_dir, out, "lora", *LORA, f"init_from={out / 'base'}")
+    # Two more bases, written in-process (cheaper than runs): the base as transformers
+    # weights, and another one (the base with noise), both LlamaForCausalLM directories.
+    state_dict, state = load_model_for_export(out / "base")
+    cfg = ModelConfig(**state["config"]["model"])
+    export_hf(state_dict, cfg, out / "base_hf")
+    g = torch.Generator().manual_seed(0)
+    noisy = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state_dict.items()}
+    export_hf(noisy, cfg, out / "other_base_hf")
     return out
 
 
@@ -51,9 +62,6 @@ def test_checkpoint_holds_adapters_and_names_the_base(runs: Path) -> None:
     assert state[BASE_KEY]["path"] == str(resolve_checkpoint(runs / "base").resolve())
     # The base is frozen: the loaded model's base weights are the base run's, bit for bit.
     model, _ = load_lora_model(runs / "lora")
-    base, _ = load_lora_model(runs / "lora")  # (same base again: deterministic)
-    from pretrain.train.consolidate import load_model_for_export
-
     base_sd, _ = load_model_for_export(runs / "base")
     lora_sd = model.state_dict()
     for k, v in base_sd.items():
@@ -78,12 +86,10 @@ def test_stop_and_restart_continue_exactly(runs: Path, cache_dir: Path) -> None:
 
 def test_restart_on_another_base_is_refused(runs: Path, cache_dir: Path) -> None:
     before = (runs / "lora" / "checkpoints" / "latest.json").read_text()
-    proc = run_train(cache_dir, runs, "lora", *LORA, f"init_from={runs / 'other_base'}",
+    proc = run_train(cache_dir, runs, "lora", *LORA, f"init_from={runs / 'other_base_hf'}",
                      check=False)
     line = refusal_line(proc)
     assert "holds LoRA adapters for init_from=" in line and "set init_from=" in line, line
-    proc = run_train(cache_dir, runs, "lora", *LORA, "model=debug", check=False)  # no base
-    assert "holds LoRA adapters" in refusal_line(proc)
     assert (runs / "lora" / "checkpoints" / "latest.json").read_text() == before
 
 
@@ -91,12 +97,12 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def test_merged_export_matches_our_logits(runs: Path, cache_dir: Path, tmp_path: Path) -> None:
+def test_merged_export_matches_our_logits(runs: Path, cache_dir: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     import transformers
 
-    proc = run_tool(cache_dir, "pretrain-export-hf", str(runs / "lora"), str(tmp_path / "x"),
-                    check=False)
-    assert proc.returncode == 2 and "--merge-lora" in proc.stderr
+    assert export_main([str(runs / "lora"), str(tmp_path / "x")]) == 2
+    assert "holds LoRA adapters, not a whole model; pass --merge-lora" in capsys.readouterr().err
     run_tool(cache_dir, "pretrain-export-hf", str(runs / "lora"), str(tmp_path / "merged"),
              "--merge-lora")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged",
@@ -108,15 +114,8 @@ def test_merged_export_matches_our_logits(runs: Path, cache_dir: Path, tmp_path:
         torch.testing.assert_close(hf(input_ids=x).logits, want, rtol=0, atol=1e-4)
         # ... and the adapters matter: the base alone is farther away than the tolerance.
         base = transformers.LlamaForCausalLM.from_pretrained(
-            _export_base(runs, cache_dir), attn_implementation="eager").eval()
+            runs / "base_hf", attn_implementation="eager").eval()
         assert float((base(input_ids=x).logits - want).abs().max()) > 1e-2
-
-
-def _export_base(runs: Path, cache_dir: Path) -> Path:
-    out = runs / "base_hf"
-    if not (out / "config.json").is_file():
-        run_tool(cache_dir, "pretrain-export-hf", str(runs / "base"), str(out))
-    return out
 
 
 def test_peft_adapter_loads_onto_the_transformers_base(runs: Path, cache_dir: Path,
@@ -124,7 +123,7 @@ def test_peft_adapter_loads_onto_the_transformers_base(runs: Path, cache_dir: Pa
     import transformers
     from peft import PeftModel
 
-    base_dir = _export_base(runs, cache_dir)
+    base_dir = runs / "base_hf"
     run_tool(cache_dir, "pretrain-export-hf", str(runs / "lora"), str(tmp_path / "adapter"),
              "--adapter", "--base-name", str(base_dir))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
