@@ -31,7 +31,6 @@ __all__ = [
     "lora_init_",
     "lora_module_names",
     "merge_lora",
-    "merge_lora_state_dict",
 ]
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -133,16 +132,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
         setattr(parent, child, linear)
     return model
 
-
-def merge_lora_state_dict(state_dict: dict[str, Tensor], *, alpha: float,
-                          rank: int) -> dict[str, Tensor]:
-    """A plain state dict from one with adapters: each `X.weight` with `X.lora_a.weight` and
-    `X.lora_b.weight` becomes W + (alpha / r) · B A (in fp32, cast back); adapters dropped."""
-    out = {k: v for k, v in state_dict.items() if not is_lora_name(k)}
-    for key in state_dict:
-        if key.endswith(".lora_a.weight"):
-            module = key[: -len(".lora_a.weight")]
-            a, b = state_dict[key].float(), state_dict[f"{module}.lora_b.weight"].float()
-            w = out[f"{module}.weight"]
-            out[f"{module}.weight"] = (w.float() + (b @ a) * (alpha / rank)).to(w.dtype)
-    return out
