@@ -544,4 +544,11 @@ def announce(run: Run) -> None:
         f"train {run.train_loader.tokens_per_epoch / 1e6:.2f}M tokens/epoch | "
         f"peak {run.peak_flops / 1e12:.2f} TFLOP/s"
     )
+    if run.lora_base is not None:
+        trainable = sum(p.numel() for p in run.module.model.parameters() if p.requires_grad)
+        base = run.lora_base
+        run.sinks[0].on_text(
+            f"LoRA rank {run.cfg.lora.rank} on {','.join(run.cfg.lora.targets)}: "
+            f"{trainable / 1e6:.3f}M trainable parameters | frozen base: "
+            f"{base['path'] or 'random init, seed ' + str(base['seed'])}")
 
