@@ -145,6 +145,11 @@ def validate_lora(cfg: TrainConfig) -> None:
     _require(bool(lo.targets), f"lora.targets is empty; name any of {', '.join(LORA_TARGETS)}")
     _require(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout} must be in [0, 1)")
     _require(lo.alpha > 0, f"lora.alpha={lo.alpha} must be > 0")
+    _require(lo.dropout == 0.0 or cfg.activation_checkpointing == "none",
+             f"lora.dropout={lo.dropout} with activation_checkpointing="
+             f"{cfg.activation_checkpointing}: the recomputation would draw other dropout masks "
+             "(blocks are checkpointed without saving the RNG state); set lora.dropout=0 or "
+             "activation_checkpointing=none")
     _require(cfg.model.arch == "decoder",
              f"lora.rank > 0 is built for model.arch=decoder, not {cfg.model.arch}; use a "
              "decoder model or set lora.rank=0")

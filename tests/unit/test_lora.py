@@ -124,6 +124,8 @@ def _cfg(**changes: object) -> TrainConfig:
     ({"lora__dropout": 1.0}, "lora.dropout=1.0 must be in [0, 1)"),
     ({"parallel": ParallelConfig(tp=2)}, "lora.rank > 0 runs on one process, DDP, FSDP"),
     ({"quant__qat": "int8_dynamic_act_int4_weight"}, "does not combine with precision=fp8 or"),
+    ({"lora__dropout": 0.1, "activation_checkpointing": "full"},
+     "the recomputation would draw other dropout masks"),
 ])
 def test_config_refusals_are_one_line(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:
