@@ -38,7 +38,8 @@ def base_record(init_from: str | None, model: ModelConfig, seed: int) -> dict[st
     initialization of `model` with `seed` (which fixes its weights on every layout)."""
     if init_from is not None:
         return describe_base(init_from)
-    shape = json.dumps(dataclasses.asdict(model), sort_keys=True)
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if k != "name"}  # a label
+    shape = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(f"{shape}\0seed={seed}".encode()).hexdigest()
     return {"path": None, "kind": RANDOM, "seed": seed, "digest": digest}
 
