@@ -5,6 +5,7 @@ the base check and peft's names."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from pretrain.models.build import build_model
 from pretrain.models.lora import LoraLinear, apply_lora, lora_init_, merge_lora
 from pretrain.parallel.parallelize import init_model_weights
 from pretrain.train.adapters import BASE_KEY, base_record, check_base
+from pretrain.train.checkpoint import write_integrity
+from pretrain.train.compat import check_resume
 from pretrain.train.optim import build_optimizer
 from pretrain.validate import validate
 
@@ -168,3 +171,20 @@ def test_peft_names() -> None:
                                             "down_proj", "up_proj"]
     with pytest.raises(ValueError, match="not a LoRA adapter"):
         peft_key("layers.0.attention.wq.weight", TINY)
+
+
+def test_resume_with_another_lora_shape_or_base_is_refused(tmp_path: Path) -> None:
+    ck = tmp_path / "checkpoints" / "step_00000001"
+    ck.mkdir(parents=True)
+    cfg = _cfg()
+    state = {"config": dataclasses.asdict(cfg), BASE_KEY: base_record(None, cfg.model, cfg.seed)}
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    write_integrity(ck)
+    check_resume(cfg, tmp_path)  # the same LoRA and base: it resumes
+    with pytest.raises(ConfigError, match="lora.rank is 8 but checkpoint .* written with 4"):
+        check_resume(_cfg(lora__rank=8), tmp_path)
+    with pytest.raises(ConfigError, match=r"lora.targets is \[wq,wk\]"):
+        check_resume(_cfg(lora__targets=["wq", "wk"]), tmp_path)
+    with pytest.raises(CheckpointError, match="seed=1234 .*not for the random initialization "
+                                              "with seed=5"):
+        check_resume(_cfg(seed=5), tmp_path)
