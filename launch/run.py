@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from launch.common import checked_config, config_dir, deepspeed_launch_hint, fail
+from launch.train import apply_init_from
 from pretrain.config import LauncherConfig, register_configs
 from pretrain.errors import ConfigError, PretrainError
 
@@ -124,10 +125,14 @@ def hydra_main(dcfg: DictConfig) -> None:
     lc = dcfg.launcher
     # The layout is checked against the world the launched job will have, not this process.
     world = 1 if lc.kind == "local" else lc.nnodes * lc.nproc_per_node
+    hc = HydraConfig.get()
+    try:  # init_from: the layout is checked against the weights' model, not the preset's
+        apply_init_from(dcfg, list(hc.overrides.task), Path(hc.runtime.output_dir))
+    except PretrainError as e:
+        fail(str(e))
     cfg = checked_config(dcfg, world_size=world)
     if cfg.parallel.backend == "deepspeed" and lc.kind == "local":
         fail(deepspeed_launch_hint())
-    hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     args = train_overrides(list(hc.overrides.task), run_dir, cfg.logging.group)
     try:

@@ -46,50 +46,48 @@ def explicit_keys(overrides: list[str], group: str) -> set[str]:
     return keys
 
 
-def apply_init_from(dcfg: DictConfig) -> None:
-    """init_from: the model config becomes the weights' (a command-line `model.X` that
-    contradicts them is an error; the preset's other values do not count), and without
-    data.tokenizer, data prepared from a corpus uses the weights' tokenizer."""
+def apply_init_from(dcfg: DictConfig, overrides: list[str], run_dir: Path) -> None:
+    """init_from: the model config becomes the weights' (a command-line `model.X` among
+    `overrides` that contradicts them is an error; the preset's other values do not count), and
+    without data.tokenizer, data prepared from a corpus uses the weights' tokenizer."""
     init_from = dcfg.get("init_from")
     if not init_from:
         return
     from pretrain.train.initial import base_tokenizer, model_config_of, resolve_model
 
-    overrides = list(HydraConfig.get().overrides.task)
-    resumable = _resumable(dcfg)
+    origin = init_from
+    resumable = _resumable(dcfg, run_dir)
     if resumable is not None and not Path(init_from).exists():
-        # The run resumes (resume wins): its own checkpoint gives the model.
-        source = model_config_of(str(resumable))
-    else:
-        source = model_config_of(init_from)
+        origin = str(resumable)  # the run resumes (resume wins): its checkpoint is the model
     configured = OmegaConf.to_object(dcfg.model)
-    dcfg.model = resolve_model(source, configured, explicit_keys(overrides, "model"), init_from)
+    dcfg.model = resolve_model(model_config_of(origin), configured,
+                               explicit_keys(overrides, "model"), init_from)
     data = dcfg.data
     if data.tokenizer is None and data.dir is None and not data.mix:
-        data.tokenizer = base_tokenizer(init_from)
+        data.tokenizer = base_tokenizer(origin)
 
 
-def _resumable(dcfg: DictConfig) -> Path | None:
-    """The checkpoint resume=auto finds in this run's directory, if any."""
+def _resumable(dcfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint resume=auto finds in the run directory, if any."""
     if dcfg.get("resume") != "auto":
         return None
     from pretrain.train.checkpoint import find_resumable
 
     with warnings.catch_warnings():  # the trainer warns about damaged ones when it resumes
         warnings.simplefilter("ignore")
-        return find_resumable(Path(HydraConfig.get().runtime.output_dir) / "checkpoints")
+        return find_resumable(run_dir / "checkpoints")
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base=None)
 def hydra_main(dcfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        apply_init_from(dcfg)
+        apply_init_from(dcfg, list(HydraConfig.get().overrides.task), run_dir)
     except PretrainError as e:
         fail(str(e))
     cfg = checked_config(dcfg)
     if cfg.parallel.backend == "deepspeed" and not is_launched():
         fail(deepspeed_launch_hint())
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
 
     from pretrain.train.compat import check_resume  # heavy imports after the config is good
     from pretrain.train.trainer import train

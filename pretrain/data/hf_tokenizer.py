@@ -83,8 +83,8 @@ class HFTokenizer(Tokenizer):
         return cls(hf, directory, fingerprint_of(directory))
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        if bos and self.bos_id is None:
-            raise DataError(f"tokenizer {self._path} has no BOS token; encode without bos")
+        # A tokenizer without BOS (Qwen's, ...) starts with the text, as sentencepiece does.
+        bos = bos and self.bos_id is not None
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageReader
@@ -179,22 +180,26 @@ def check_base_tokenizer(init_from: str, tokenizer: Tokenizer) -> None:
                     f"--tokenizer {base}` or set data.tokenizer={base}")
 
 
+_FREE = ("name", "init_std", "depth_init")
+"""Model fields an explicit override may set with init_from: they change no loaded weight."""
+
+
 def resolve_model(source: ModelConfig, configured: ModelConfig, explicit: Iterable[str],
                   init_from: str) -> ModelConfig:
-    """The run's model config: `source`'s (the weights'), with `configured`'s name when the user
-    set it. ConfigError for an explicitly set field (`explicit`: ModelConfig field names) whose
-    value differs from the source's; the model preset's other values do not count."""
-    explicit = set(explicit)
-    for name in sorted(explicit - {"name"}):
-        if name not in ModelConfig.__dataclass_fields__:
-            continue
+    """The run's model config: `source`'s (the weights'), with `configured`'s values of the
+    fields the user set (`explicit`: ModelConfig field names) that change no weight (the name,
+    the init, a rotary model's max_seq_len: longer context). ConfigError for an explicitly set
+    field whose value differs from the source's; the model preset's other values do not
+    count."""
+    free = set(_FREE) | ({"max_seq_len"} if source.position == "rope" else set())
+    explicit = set(explicit) & set(ModelConfig.__dataclass_fields__)
+    for name in sorted(explicit - free):
         want, have = getattr(configured, name), getattr(source, name)
         if want != have:
             raise ConfigError(f"model.{name}={want} contradicts init_from={init_from}, whose "
                               f"model has {name}={have}; drop the override (the model config "
                               "comes from init_from)")
-    name = configured.name if "name" in explicit else source.name
-    return dataclasses.replace(source, name=name)
+    return dataclasses.replace(source, **{k: getattr(configured, k) for k in explicit & free})
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -209,16 +214,29 @@ def _targets(part: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if ADAPTER_MARK not in k}
 
 
+def _all_ranks(keys: Iterable[str]) -> set[str]:
+    """The union of `keys` over every rank (pipeline stages each hold some parameters)."""
+    keys = set(keys)
+    if not dist.is_initialized():
+        return keys
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(keys))
+    return set().union(*gathered)
+
+
 def _check_keys(init_from: str, wanted: dict[str, torch.Size], found: dict[str, torch.Size],
                 optional: set[str], names: dict[str, str]) -> None:
-    """`wanted`: source key -> shape over all parts; `found`: what the source holds;
-    `names`: source key -> our name (for messages). Missing, unexpected, reshaped: an error."""
+    """`wanted`: source key -> shape over this rank's parts; `found`: what the source holds;
+    `names`: source key -> our name (for messages). Missing, unexpected (not wanted on any
+    rank), reshaped: an error (on every rank alike, as the checks after the gather see the
+    same sets where it matters)."""
+    everywhere = _all_ranks(wanted)
     missing = sorted(k for k in wanted if k not in found)
     if missing:
         raise CheckpointError(f"init_from={init_from} lacks {len(missing)} parameters of the "
                               f"model, e.g. {missing[0]} (ours: {names[missing[0]]}); pass "
                               "weights of this architecture")
-    unexpected = sorted(k for k in found if k not in wanted and k not in optional)
+    unexpected = sorted(k for k in found if k not in everywhere and k not in optional)
     if unexpected:
         raise CheckpointError(f"init_from={init_from} holds {len(unexpected)} parameters the "
                               f"model lacks, e.g. {unexpected[0]}; pass weights of this "
@@ -257,28 +275,34 @@ def load_initial_weights(parts: list[nn.Module], init_from: str, cfg: ModelConfi
                  if hasattr(v, "size") and not any(s in k for s in ignored)}
     if not hf:
         available = {k: s for k, s in available.items() if k.startswith(_MODEL_PREFIX)}
-    targets = [_targets(part, cfg) for part in parts]
-    names = {}
-    for key in (k for sd in targets for k in sd):
-        try:
-            names[rename(key)] = key
-        except ValueError as e:  # a parameter of ours the HF layout has no name for
-            raise CheckpointError(f"init_from={init_from} has no counterpart of the model's "
-                                  f"parameter {key}; only LoRA adapters (names with 'lora_') "
-                                  "may be extra") from e
-    wanted = {rename(k): v.shape for sd in targets for k, v in sd.items()}
+    plans = []  # per part: source name -> (our name, the tensor to fill)
+    for part in parts:
+        plan = {}
+        for key, tensor in _targets(part, cfg).items():
+            # A tied output on a stage without the embedding is read from the embedding.
+            source = "tok_embeddings.weight" if cfg.tie_embeddings and key == "output.weight" \
+                else key
+            try:
+                plan[rename(source)] = (key, tensor)
+            except ValueError as e:  # a parameter of ours the HF layout has no name for
+                raise CheckpointError(f"init_from={init_from} has no counterpart of the "
+                                      f"model's parameter {key}; only LoRA adapters (names "
+                                      "with 'lora_') may be extra") from e
+        plans.append(plan)
+    names = {k: ours for plan in plans for k, (ours, _) in plan.items()}
+    wanted = {k: t.shape for plan in plans for k, (_, t) in plan.items()}
     # A tied model reads the embedding; a copy of it under the output's name is no surprise.
     optional = {rename("output.weight")} if cfg.tie_embeddings else set()
     _check_keys(init_from, wanted, available, optional, names)
-    for part, sd in zip(parts, targets):
-        request = {rename(k): v for k, v in sd.items()}
+    for part, plan in zip(parts, plans):
+        request = {k: t for k, (_, t) in plan.items()}
         try:
             dcp.load(request, storage_reader=reader,
                      planner=DefaultLoadPlanner(allow_partial_load=True))
         except Exception as e:
             raise CheckpointError(f"init_from={init_from}: reading its weights failed "
                                   f"({type(e).__name__}: {e}); the files are damaged") from e
-        loaded = {names[k]: v for k, v in request.items()}
+        loaded = {plan[k][0]: v for k, v in request.items()}
         set_model_state_dict(part, loaded, options=StateDictOptions(strict=False))
         if hasattr(part, "tie_weights"):
             part.tie_weights()

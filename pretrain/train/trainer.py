@@ -230,8 +230,15 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
     data = prepare_data(cfg, env)
     tokenizer = Tokenizer.load(data.tokenizer_path)
-    if cfg.init_from is not None:
-        check_base_tokenizer(cfg.init_from, tokenizer)
+    # resume wins over init_from: the weights (and their tokenizer) come from the run's own
+    # checkpoint; but for LoRA, whose checkpoints hold the adapters only, the frozen base is
+    # read again (`check_resume` made sure it is the same)
+    init_from = cfg.init_from
+    if (init_from is not None and cfg.lora.rank == 0
+            and resumable_checkpoint(cfg, run_dir) is not None):
+        init_from = None
+    if init_from is not None:
+        check_base_tokenizer(init_from, tokenizer)
     objective = build_objective(cfg.objective, tokenizer, vocab_size=cfg.model.vocab_size)
     train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank, objective)
     name = cfg.objective.name
@@ -241,12 +248,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
     fpt = run_flops_per_token(cfg, objective)
     total = total_steps_of(cfg, fpt)
-    settings = StepSettings.of(cfg, device)
-    # Resume wins over init_from, but for LoRA, whose checkpoints hold the adapters only: the
-    # frozen base is read again (`check_resume` made sure it is the same).
-    if (cfg.init_from is not None and cfg.lora.rank == 0
-            and resumable_checkpoint(cfg, run_dir) is not None):
-        settings = dataclasses.replace(settings, init_from=None)
+    settings = dataclasses.replace(StepSettings.of(cfg, device), init_from=init_from)
     module = build_train_module(model=cfg.model, optim=cfg.optim, parallel=cfg.parallel,
                                 settings=settings, dims=dims, mesh=mesh,
                                 device=device, total_steps=total)

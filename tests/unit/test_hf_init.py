@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from launch.train import explicit_keys
-from pretrain.config import ModelConfig
+from launch.train import apply_init_from, explicit_keys
+from pretrain.config import ModelConfig, TrainConfig
 from pretrain.data.hf_tokenizer import HFTokenizer
 from pretrain.data.prepare import check_vocab
 from pretrain.data.tokenizer import Tokenizer
@@ -234,11 +235,29 @@ def test_only_explicit_overrides_can_contradict(base: dict) -> None:
     source = model_config_of(str(base["plain"]))
     preset = ModelConfig(name="cpu", n_layers=6, dim=256)  # defaults the user did not set
     assert resolve_model(source, preset, set(), "X") == source
-    mine = dataclasses.replace(preset, name="mine", n_layers=2)
-    assert resolve_model(source, mine, {"name", "n_layers"}, "X") == dataclasses.replace(
-        source, name="mine")
+    mine = dataclasses.replace(preset, name="mine", n_layers=2, max_seq_len=4096)
+    assert resolve_model(source, mine, {"name", "n_layers", "max_seq_len"}, "X") == (
+        dataclasses.replace(source, name="mine", max_seq_len=4096))  # longer context: no weight
     with pytest.raises(ConfigError, match="model.n_layers=3 contradicts init_from=X, whose "
                                           "model has n_layers=2"):
         resolve_model(source, dataclasses.replace(preset, n_layers=3), {"n_layers"}, "X")
     assert explicit_keys(["model=cpu", "model.n_layers=3", "+model.dim=4", "steps=2",
                           "~model.name"], "model") == {"n_layers", "dim"}
+
+
+def test_entry_config_takes_the_base_model_and_tokenizer(base: dict, tmp_path: Path) -> None:
+    dcfg = OmegaConf.structured(TrainConfig(init_from=str(base["plain"])))
+    dcfg.model.name = "mine"  # as Hydra applies the command line before the app runs
+    apply_init_from(dcfg, ["model=cpu", "model.name=mine", "steps=3"], tmp_path / "run")
+    cfg = OmegaConf.to_object(dcfg)
+    assert cfg.model == dataclasses.replace(model_config_of(str(base["plain"])), name="mine")
+    assert cfg.data.tokenizer == f"hf:{base['plain'].resolve()}"  # data prepared with it
+    with pytest.raises(ConfigError, match="model.dim=64 contradicts"):
+        dcfg = OmegaConf.structured(TrainConfig(init_from=str(base["plain"])))
+        dcfg.model.dim = 64
+        apply_init_from(dcfg, ["model.dim=64"], tmp_path / "run")
+    # Resume wins: a run directory with a checkpoint resumes without the base.
+    import_checkpoint(base["plain"], tmp_path / "run")
+    dcfg = OmegaConf.structured(TrainConfig(init_from=str(tmp_path / "gone")))
+    apply_init_from(dcfg, [], tmp_path / "run")
+    assert OmegaConf.to_object(dcfg.model).n_layers == 2
