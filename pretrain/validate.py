@@ -18,6 +18,7 @@ from pretrain.config import (
     output_whole_on_one_rank,
 )
 from pretrain.errors import ConfigError
+from pretrain.models.lora import LORA_TARGETS
 from pretrain.parallel.deepspeed_backend import deepspeed_config
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.pipeline import check_schedule
@@ -135,6 +136,34 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
              f"micro_batch_size={cfg.micro_batch_size}")
     _require(cfg.steps > 0 or (cfg.tokens or 0) > 0, "steps (or tokens) must be > 0")
     _require(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    validate_lora(cfg)
+
+
+def validate_lora(cfg: TrainConfig) -> None:
+    """LoRA's fields, and the layouts and precisions it is built and proven for."""
+    lo, p = cfg.lora, cfg.parallel
+    _require(lo.rank >= 0, f"lora.rank={lo.rank}; use 0 (off) or a positive adapter rank")
+    if lo.rank == 0:
+        return
+    unknown = sorted(set(lo.targets) - set(LORA_TARGETS))
+    _require(not unknown, f"lora.targets has {unknown}; use any of {', '.join(LORA_TARGETS)}")
+    _require(bool(lo.targets), f"lora.targets is empty; name any of {', '.join(LORA_TARGETS)}")
+    _require(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout} must be in [0, 1)")
+    _require(lo.alpha > 0, f"lora.alpha={lo.alpha} must be > 0")
+    _require(lo.dropout == 0.0 or cfg.activation_checkpointing == "none",
+             f"lora.dropout={lo.dropout} with activation_checkpointing="
+             f"{cfg.activation_checkpointing}: the recomputation would draw other dropout masks "
+             "(blocks are checkpointed without saving the RNG state); set lora.dropout=0 or "
+             "activation_checkpointing=none")
+    _require(cfg.model.arch == "decoder",
+             f"lora.rank > 0 is built for model.arch=decoder, not {cfg.model.arch}; use a "
+             "decoder model or set lora.rank=0")
+    _require(p.backend == "native" and p.tp == 1 and p.pp == 1,
+             "lora.rank > 0 runs on one process, DDP, FSDP or HSDP (parallel.backend=native, "
+             "parallel.tp=1, parallel.pp=1); change the layout or set lora.rank=0")
+    _require(cfg.precision != "fp8" and not cfg.quant.qat,
+             "lora.rank > 0 trains adapters on a frozen base in fp32/bf16/fp16; it does not "
+             "combine with precision=fp8 or quant.qat: turn one of them off")
 
 
 def validate_sft(cfg: TrainConfig) -> None:

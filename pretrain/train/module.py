@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from pretrain.config import (
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
@@ -50,6 +51,7 @@ from pretrain.errors import CheckpointError, ConfigError
 from pretrain.eval.scores import Scorer
 from pretrain.models.build import build_model
 from pretrain.models.llama import attention_backends, check_initialized
+from pretrain.models.lora import apply_lora
 from pretrain.models.loss import IGNORE_INDEX, cross_entropy
 from pretrain.parallel import deepspeed_backend as ds
 from pretrain.parallel.dims import ParallelDims
@@ -91,6 +93,8 @@ class StepSettings:
     """Attention kernels in priority order (empty: PyTorch's choice / the CUDA default)."""
     seed: int = 0
     """Seed of the layout-independent initialization."""
+    lora: LoraConfig | None = None
+    """Low-rank adapters on a frozen base (None: the whole model trains)."""
     init_from: str | None = None
     """Weights loaded over the initialization (`pretrain.train.initial`); None: random."""
 
@@ -103,6 +107,7 @@ class StepSettings:
                    compile=compile_enabled(cfg, device),
                    chunked_loss=uses_chunked_loss(cfg.loss, cfg.parallel),
                    sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed,
+                   lora=cfg.lora if cfg.lora.rank > 0 else None,
                    init_from=cfg.init_from)
 
 
@@ -170,6 +175,9 @@ class TrainModule:
     def _build_parts(self, stages: list[tuple[int, nn.Module]], mesh: DeviceMesh | None) -> None:
         s = self.settings
         for _, part in stages:
+            if s.lora is not None:  # on meta, before parallelism wraps the layers
+                apply_lora(part, rank=s.lora.rank, alpha=s.lora.alpha, dropout=s.lora.dropout,
+                           targets=s.lora.targets)
             parallelize(part, self.dims, mesh, ac_mode=s.activation_checkpointing,
                         compile=s.compile, parallel=self.parallel, precision=s.precision)
         self.parts = [part for _, part in stages]
