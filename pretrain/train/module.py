@@ -28,7 +28,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from pretrain.config import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    QuantConfig,
     TrainConfig,
     uses_chunked_loss,
 )
@@ -66,6 +67,7 @@ from pretrain.parallel.pipeline import (
     pipeline_split,
     pipeline_step,
 )
+from pretrain.quant.training import apply_training_quant
 from pretrain.train.checkpoint import ModelOptimState
 from pretrain.train.optim import build_optimizer, build_schedule
 
@@ -79,7 +81,8 @@ class StepSettings:
     micro_batch_size: int
     """Sequences per forward/backward on one rank."""
     precision: str = "bf16"
-    """'fp32', 'bf16' (autocast) or 'fp16' (autocast + loss scaler)."""
+    """'fp32', 'bf16' (autocast), 'fp16' (autocast + loss scaler) or 'fp8' (float8 linears,
+    bf16 autocast for the rest)."""
     activation_checkpointing: str = "none"
     """'none', 'full' or 'selective'."""
     compile: bool = False
@@ -90,6 +93,8 @@ class StepSettings:
     """Attention kernels in priority order (empty: PyTorch's choice / the CUDA default)."""
     seed: int = 0
     """Seed of the layout-independent initialization."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """fp8 recipe (precision=fp8) and quantization-aware training."""
 
     @classmethod
     def of(cls, cfg: TrainConfig, device: torch.device) -> StepSettings:
@@ -99,7 +104,7 @@ class StepSettings:
                    activation_checkpointing=cfg.activation_checkpointing,
                    compile=compile_enabled(cfg, device),
                    chunked_loss=uses_chunked_loss(cfg.loss, cfg.parallel),
-                   sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed)
+                   sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed, quant=cfg.quant)
 
 
 def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
@@ -113,7 +118,8 @@ def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any]:
     if precision == "fp32":
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    # fp8: the float8 linears cast their own operands; everything else runs in bf16.
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
@@ -166,6 +172,8 @@ class TrainModule:
     def _build_parts(self, stages: list[tuple[int, nn.Module]], mesh: DeviceMesh | None) -> None:
         s = self.settings
         for _, part in stages:
+            # fp8 / QAT swap linears for torchao's; before parallelize, as torchtitan does.
+            apply_training_quant(part, precision=s.precision, quant=s.quant, device=self.device)
             parallelize(part, self.dims, mesh, ac_mode=s.activation_checkpointing,
                         compile=s.compile, parallel=self.parallel, precision=s.precision)
         self.parts = [part for _, part in stages]

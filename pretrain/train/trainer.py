@@ -36,7 +36,9 @@ from pretrain.eval.generate import InfillDoc, generate, infill_exact_match
 from pretrain.eval.scores import Scorer, build_scorer
 from pretrain.models.build import count_params, flops_per_token
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
+from pretrain.quant.export import quantize_model, write_quantized
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.consolidate import load_model_from_checkpoint
 from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
 from pretrain.train.hooks import (
     Callback,
@@ -497,6 +499,8 @@ def train(cfg: TrainConfig, run_dir: Path, *,
         status = train_loop(run)
         settle(run)
         call(run, "on_end", status)
+        if cfg.quant.qat and status == "completed":
+            write_qat_model(run)
         summary = build_summary(run, status, time.time() - t0)
         if run.env.is_main:
             finish(run, summary, status)
@@ -504,6 +508,25 @@ def train(cfg: TrainConfig, run_dir: Path, *,
     finally:
         run.preempt.uninstall()
         destroy_distributed()
+
+
+def write_qat_model(run: Run) -> None:
+    """quant.qat: the final checkpoint converted to the real quantized model (the scheme the
+    run fake-quantized towards) in run_dir/quantized, for pretrain-generate and
+    pretrain-quantize --eval. Read back from the checkpoint, so any layout converts the same."""
+    run.checkpointer.wait()
+    if dist.is_initialized():
+        dist.barrier()
+    if not run.env.is_main:
+        return
+    q = run.cfg.quant
+    source = ckpt.resolve_checkpoint(run.run_dir / "checkpoints")
+    model, state = load_model_from_checkpoint(source)
+    names = quantize_model(model, q.qat, q.group_size)
+    out = write_quantized(model, run.run_dir / "quantized",
+                          {"scheme": q.qat, "group_size": q.group_size, "quantized": names,
+                           "source": str(source), "trainer_state": state, "qat": True})
+    run.sinks[0].on_text(f"quantized model ({q.qat}, {len(names)} linears) in {out}")
 
 
 def finish(run: Run, summary: dict[str, Any], status: str) -> None:
