@@ -6,7 +6,9 @@ every PTQ scheme, and a QAT run's converted model, measured side by side on CPU.
 Per row: validation loss on the base run's validation windows (its eval_windows), size of the
 weights file, and greedy generation speed (KV cache, the same prompt and length for every
 model) as a ratio to bf16, measured in interleaved rounds in this one process (the best round
-per model), so machine noise hits every row alike. Then the targets: PTQ int8 within 1% of
+per model), so machine noise hits every row alike; on one thread by default (`--threads`):
+on a shared, busy machine two spinning threads that must meet at every small matmul of
+decoding ran 25x slower than one. Then the targets: PTQ int8 within 1% of
 bf16, and the fraction of PTQ's loss increase that QAT recovers.
 """
 
@@ -17,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from pretrain.data.tokenizer import Tokenizer
@@ -107,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="def ")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         out = Path(args.out or Path(args.base) / "quantized_ptq")
         rows = build_rows(args.base, args.qat, out, args.group_size)
