@@ -78,7 +78,7 @@ def table(rows: list[Row]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         size = size_on_disk(r.path)
-        lines.append(f"| {r.name} | {r.loss:.4f} | {100 * (r.loss / base.loss - 1):+.2f}% | "
+        lines.append(f"| {r.name} | {r.loss:.5f} | {100 * (r.loss / base.loss - 1):+.3f}% | "
                      f"{size / 1e6:.2f} | {size / size_on_disk(base.path):.2f}x | "
                      f"{r.speed / base.speed:.2f}x |")
     return "\n".join(lines)
@@ -94,9 +94,13 @@ def targets(rows: list[Row]) -> str:
     if qat is not None:
         for ptq_name in ("PTQ int8_dynamic_act_int4_weight", "PTQ int4_weight_only"):
             increase = by[ptq_name] - bf16
-            recovered = (by[ptq_name] - qat) / increase if increase > 0 else float("nan")
+            if increase <= 0:
+                out.append(f"QAT vs {ptq_name}: PTQ did not raise the loss ({increase:+.5f}), "
+                           "so there is nothing to recover: the target cannot be judged")
+                continue
+            recovered = (by[ptq_name] - qat) / increase
             out.append(f"QAT recovers {recovered:.0%} of {ptq_name}'s loss increase "
-                       f"({increase:+.4f}) (target >= 50%: "
+                       f"({increase:+.5f}; QAT {qat - bf16:+.5f}) (target >= 50%: "
                        f"{'met' if recovered >= 0.5 else 'NOT met'})")
     return "\n".join(out)
 
