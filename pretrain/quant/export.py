@@ -41,9 +41,15 @@ int8 byte by torchao's IntxUnpackedToInt8Tensor, so the file is int8-sized)."""
 SCHEMES = ("bf16", *PTQ_SCHEMES)
 
 
-def check_scheme(scheme: str) -> None:
+def check_scheme(scheme: str, group_size: int = 32) -> None:
+    """ConfigError for a scheme or group size the quantization would refuse later."""
     if scheme not in SCHEMES:
         raise ConfigError(f"--scheme {scheme!r}; use one of {', '.join(PTQ_SCHEMES)}")
+    if scheme == "int4_weight_only" and group_size not in (32, 64, 128):
+        # the tinygemm int4 kernels take these group sizes only
+        raise ConfigError(f"--group-size {group_size} with int4_weight_only; use 32, 64 or 128")
+    if group_size <= 0:
+        raise ConfigError(f"--group-size {group_size}; use a positive divisor of the model dim")
 
 
 def ptq_config(scheme: str, group_size: int, device: torch.device):  # noqa: ANN201
@@ -74,7 +80,7 @@ def to_bf16(model: nn.Module) -> nn.Module:
 def quantize_model(model: nn.Module, scheme: str, group_size: int) -> list[str]:
     """Quantize a plain model's eligible linears in place (bf16 first); returns their names.
     The linears are those QAT and fp8 swap (`pretrain.quant.training.linear_filter`)."""
-    check_scheme(scheme)
+    check_scheme(scheme, group_size)
     to_bf16(model)
     if scheme == "bf16":
         return []

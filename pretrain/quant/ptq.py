@@ -42,7 +42,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, *, scheme: str,
                         group_size: int = 32) -> tuple[nn.Module, dict[str, Any]]:
     """Read a run's checkpoint (run dir, checkpoints/ or one step), quantize, write `out`;
     returns the quantized model and the directory's metadata."""
-    check_scheme(scheme)  # before any file is read
+    check_scheme(scheme, group_size)  # before any file is read
     ckpt = resolve_checkpoint(checkpoint)
     model, state = load_model_from_checkpoint(ckpt)
     arch = state["config"]["model"].get("arch", "decoder")

@@ -67,6 +67,9 @@ def test_bad_input_is_one_error_line(cache_dir: Path, qat_run: Path, tmp_path: P
                "--out", str(tmp_path / "x"))
     assert "error: --scheme 'int3'; use one of int8_weight_only" in refusal_line(proc)
     assert not (tmp_path / "x").exists()
+    proc = run(cache_dir, "pretrain-quantize", str(qat_run), "--scheme", "int4_weight_only",
+               "--group-size", "256", "--out", str(tmp_path / "x"))
+    assert "--group-size 256 with int4_weight_only; use 32, 64 or 128" in refusal_line(proc)
     proc = run(cache_dir, "pretrain-quantize", str(tmp_path / "missing"), "--scheme",
                "int8_weight_only", "--out", str(tmp_path / "y"))
     assert f"error: no complete checkpoint under {tmp_path / 'missing'}" in refusal_line(proc)
