@@ -144,7 +144,7 @@ def validate_quant(cfg: TrainConfig) -> None:
              f"quant.fp8_recipe={q.fp8_recipe!r}; use one of {', '.join(FP8_RECIPES)}")
     _require(q.qat is None or q.qat in QAT_SCHEMES,
              f"quant.qat={q.qat!r}; use one of {', '.join(QAT_SCHEMES)} (or null)")
-    _require(q.group_size > 0 and cfg.model.dim % q.group_size == 0,
+    _require(not q.qat or (q.group_size > 0 and cfg.model.dim % q.group_size == 0),
              f"quant.group_size={q.group_size} must divide model.dim={cfg.model.dim}; "
              "use 32, 64 or 128")
     for name, on in (("precision=fp8", cfg.precision == "fp8"), ("quant.qat", bool(q.qat))):
