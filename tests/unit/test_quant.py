@@ -34,7 +34,7 @@ BLOCK_LINEARS = {f"layers.{i}.{name}" for i in range(TINY.n_layers)
 
 
 def build(precision: str, quant: QuantConfig | None = None) -> TrainModule:
-    settings = StepSettings(global_batch_size=8, micro_batch_size=4, precision=precision,
+    settings = StepSettings(global_batch_size=8, micro_batch_size=8, precision=precision,
                             seed=1, quant=quant or QuantConfig())
     return build_train_module(model=TINY, optim=OPTIM, parallel=ParallelConfig(),
                               settings=settings, dims=ParallelDims(1, 1, 1, 1, 1), mesh=None,
@@ -42,11 +42,11 @@ def build(precision: str, quant: QuantConfig | None = None) -> TrainModule:
 
 
 def batches(step: int) -> list[Batch]:
-    """Two micro-batches of shifted, learnable sequences (a random start, then +1 each token)."""
+    """One micro-batch of shifted, learnable sequences (a random start, then +1 each token)."""
     g = torch.Generator().manual_seed(step)
     windows = (torch.randint(0, TINY.vocab_size, (8, 1), generator=g) + torch.arange(33))
     windows = windows % TINY.vocab_size
-    return [Batch(w[:, :-1], w[:, 1:]) for w in windows.split(4)]
+    return [Batch(windows[:, :-1], windows[:, 1:])]
 
 
 def train(module: TrainModule) -> list[float]:
@@ -73,9 +73,9 @@ def test_fp8_emulated_tracks_bf16(recipe: str, bf16_losses: list[float]) -> None
     assert type(module.model.output) is nn.Linear  # the output projection stays high precision
     losses = train(module)
     # The run learns (6.07 -> 1.05 in 8 steps) and tracks bf16 step for step: measured max
-    # relative difference 0.66% (tensorwise) / 0.80% (rowwise), growing with the steps.
+    # relative difference 0.73% (tensorwise) / 1.20% (rowwise), growing with the steps.
     assert losses[-1] < 0.5 * losses[0]
-    assert max_rel_diff(losses, bf16_losses) < 0.02, (losses, bf16_losses)
+    assert max_rel_diff(losses, bf16_losses) < 0.03, (losses, bf16_losses)
 
 
 def test_fp8_needs_hardware_or_emulation() -> None:
@@ -116,7 +116,7 @@ def test_qat_prepare_train_convert(bf16_losses: list[float], tmp_path) -> None:
     assert swapped(module.model, "FakeQuantizedLinear") == BLOCK_LINEARS
     assert type(module.model.output) is nn.Linear
     losses = train(module)
-    # Fake quantization costs a little: measured max relative difference 2.8% from bf16.
+    # Fake quantization costs a little: measured max relative difference 2.9% from bf16.
     assert losses[-1] < 0.5 * losses[0]
     assert max_rel_diff(losses, bf16_losses) < 0.08, (losses, bf16_losses)
 
