@@ -517,11 +517,13 @@ def write_qat_model(run: Run) -> None:
     run.checkpointer.wait()
     if dist.is_initialized():
         dist.barrier()
-    if not run.env.is_main:
-        return
     q = run.cfg.quant
     source = ckpt.resolve_checkpoint(run.run_dir / "checkpoints")
+    # Every rank: with a process group, reading a DCP checkpoint is collective (each rank
+    # holds a whole CPU copy of the model for a moment).
     model, state = load_model_from_checkpoint(source)
+    if not run.env.is_main:
+        return
     names = quantize_model(model, q.qat, q.group_size)
     out = write_quantized(model, run.run_dir / "quantized",
                           {"scheme": q.qat, "group_size": q.group_size, "quantized": names,
