@@ -3,8 +3,10 @@
     training  fp8 training (float8 linears) and quantization-aware training (fake-quantized
               linears), applied to the model before `parallelize`; imports nothing from
               `pretrain.train`, which calls it
-    ptq       post-training quantization of a checkpoint into a quantized model directory, its
-              loading for `pretrain-generate`, and its validation loss; above `pretrain.train`
+    export    quantizing a plain model (PTQ, and QAT's conversion) and writing a quantized
+              model directory; below `pretrain.train` too (the trainer converts QAT runs)
+    ptq       a checkpoint quantized into such a directory, its loading for
+              `pretrain-generate`, validation loss and generation speed; above `pretrain.train`
 
 torchao is imported lazily and quietly (`torchao()`): a run without fp8 or QAT never needs it,
 and its import logs one warning per CUDA-only extension it cannot load on a CPU machine.
