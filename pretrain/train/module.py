@@ -28,7 +28,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pretrain.config import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    QuantConfig,
     TrainConfig,
     uses_chunked_loss,
 )
@@ -68,6 +69,7 @@ from pretrain.parallel.pipeline import (
     pipeline_split,
     pipeline_step,
 )
+from pretrain.quant.training import apply_training_quant
 from pretrain.train.checkpoint import ModelOptimState
 from pretrain.train.initial import load_initial_weights
 from pretrain.train.optim import build_optimizer, build_schedule
@@ -82,7 +84,8 @@ class StepSettings:
     micro_batch_size: int
     """Sequences per forward/backward on one rank."""
     precision: str = "bf16"
-    """'fp32', 'bf16' (autocast) or 'fp16' (autocast + loss scaler)."""
+    """'fp32', 'bf16' (autocast), 'fp16' (autocast + loss scaler) or 'fp8' (float8 linears,
+    bf16 autocast for the rest)."""
     activation_checkpointing: str = "none"
     """'none', 'full' or 'selective'."""
     compile: bool = False
@@ -97,6 +100,8 @@ class StepSettings:
     """Low-rank adapters on a frozen base (None: the whole model trains)."""
     init_from: str | None = None
     """Weights loaded over the initialization (`pretrain.train.initial`); None: random."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """fp8 recipe (precision=fp8) and quantization-aware training."""
 
     @classmethod
     def of(cls, cfg: TrainConfig, device: torch.device) -> StepSettings:
@@ -108,7 +113,7 @@ class StepSettings:
                    chunked_loss=uses_chunked_loss(cfg.loss, cfg.parallel),
                    sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed,
                    lora=cfg.lora if cfg.lora.rank > 0 else None,
-                   init_from=cfg.init_from)
+                   init_from=cfg.init_from, quant=cfg.quant)
 
 
 def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
@@ -122,7 +127,8 @@ def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any]:
     if precision == "fp32":
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    # fp8: the float8 linears cast their own operands; everything else runs in bf16.
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
@@ -178,6 +184,8 @@ class TrainModule:
             if s.lora is not None:  # on meta, before parallelism wraps the layers
                 apply_lora(part, rank=s.lora.rank, alpha=s.lora.alpha, dropout=s.lora.dropout,
                            targets=s.lora.targets)
+            # fp8 / QAT swap linears for torchao's; before parallelize, as torchtitan does.
+            apply_training_quant(part, precision=s.precision, quant=s.quant, device=self.device)
             parallelize(part, self.dims, mesh, ac_mode=s.activation_checkpointing,
                         compile=s.compile, parallel=self.parallel, precision=s.precision)
         self.parts = [part for _, part in stages]

@@ -37,9 +37,11 @@ from pretrain.eval.generate import InfillDoc, generate, infill_exact_match
 from pretrain.eval.scores import Scorer, build_scorer
 from pretrain.models.build import count_params, flops_per_token
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
+from pretrain.quant.export import quantize_model, write_quantized
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.adapters import BASE_KEY, base_record
 from pretrain.train.compat import resumable_checkpoint
+from pretrain.train.consolidate import load_model_from_checkpoint
 from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
 from pretrain.train.hooks import (
     Callback,
@@ -546,6 +548,8 @@ def train(cfg: TrainConfig, run_dir: Path, *,
         status = train_loop(run)
         settle(run)
         call(run, "on_end", status)
+        if cfg.quant.qat and status == "completed":
+            write_qat_model(run)
         summary = build_summary(run, status, time.time() - t0)
         if run.env.is_main:
             finish(run, summary, status)
@@ -553,6 +557,27 @@ def train(cfg: TrainConfig, run_dir: Path, *,
     finally:
         run.preempt.uninstall()
         destroy_distributed()
+
+
+def write_qat_model(run: Run) -> None:
+    """quant.qat: the final checkpoint converted to the real quantized model (the scheme the
+    run fake-quantized towards) in run_dir/quantized, for pretrain-generate and
+    pretrain-quantize --eval. Read back from the checkpoint, so any layout converts the same."""
+    run.checkpointer.wait()
+    if dist.is_initialized():
+        dist.barrier()
+    q = run.cfg.quant
+    source = ckpt.resolve_checkpoint(run.run_dir / "checkpoints")
+    # Every rank: with a process group, reading a DCP checkpoint is collective (each rank
+    # holds a whole CPU copy of the model for a moment).
+    model, state = load_model_from_checkpoint(source)
+    if not run.env.is_main:
+        return
+    names = quantize_model(model, q.qat, q.group_size)
+    out = write_quantized(model, run.run_dir / "quantized",
+                          {"scheme": q.qat, "group_size": q.group_size, "quantized": names,
+                           "source": str(source), "trainer_state": state, "qat": True})
+    run.sinks[0].on_text(f"quantized model ({q.qat}, {len(names)} linears) in {out}")
 
 
 def finish(run: Run, summary: dict[str, Any], status: str) -> None:
