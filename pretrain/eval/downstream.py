@@ -207,7 +207,6 @@ def load_for_eval(path: str | Path, tokenizer: str | None = None
     checkpoints (a run directory or a step directory: the window is the run's seq_len) or a
     Hugging Face LLaMA directory (exported or any loadable by `pretrain-import-hf`; its
     tokenizer files; the window is its max_position_embeddings)."""
-    from pretrain.config import ModelConfig
     from pretrain.models.build import build_model
 
     p = Path(path)
@@ -222,8 +221,8 @@ def load_for_eval(path: str | Path, tokenizer: str | None = None
     else:
         from pretrain.train.consolidate import load_model_from_checkpoint
 
-        model, state = load_model_from_checkpoint(p)
-        cfg = ModelConfig(**state["config"]["model"])
+        model, state = load_model_from_checkpoint(p)  # a LoRA run: its base + adapters
+        cfg = model.config
         tok = Tokenizer.load(tokenizer or state["tokenizer_path"])
         window = min(int(state["config"].get("seq_len", cfg.max_seq_len)), cfg.max_seq_len)
     if cfg.arch != "decoder":
