@@ -409,8 +409,9 @@ class DownstreamEvalConfig:
     """Directory holding the task files (see the README); None: hub names through `datasets`."""
     limit: int | None = None
     """Items per task (None: all)."""
-    batch_size: int = 16
-    """Requests scored per forward pass."""
+    batch_size: int = 64
+    """Requests scored per forward pass (64: ~2x faster than 16 on the CPU main job; the
+    logits are batch × context × vocab, so lower it for long contexts or large vocabularies)."""
     window: int | None = None
     """Context window in tokens (longer contexts lose tokens on the left); None: seq_len."""
 

@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="task files DIR/<task>/<split>.jsonl|.parquet "
                                                  "(default: the hub through `datasets`)")
     p.add_argument("--limit", type=int, help="first N items of each task (default: all)")
-    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="requests per forward pass (default 64; the logits are batch × context "
+                        "× vocab: lower it for long contexts or large vocabularies)")
     p.add_argument("--tokenizer", help="tokenizer (default: the run's, or the HF directory's)")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     return p
