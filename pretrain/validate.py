@@ -130,6 +130,13 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
              f"micro_batch_size={cfg.micro_batch_size}")
     _require(cfg.steps > 0 or (cfg.tokens or 0) > 0, "steps (or tokens) must be > 0")
     _require(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    stride = cfg.eval.stride
+    _require(stride is None or 0 < stride <= cfg.seq_len,
+             f"eval.stride={stride} must be in [1, seq_len={cfg.seq_len}]; unset it for "
+             "non-overlapping windows")
+    _require(stride is None or cfg.objective.name == "clm",
+             f"eval.stride scores next-token prediction of a decoder (objective=clm), not "
+             f"objective={cfg.objective.name}; unset eval.stride")
 
 
 def validate_parallel(cfg: TrainConfig, world_size: int) -> None:
