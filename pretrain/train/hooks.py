@@ -172,7 +172,10 @@ class Evaluation(Callback):
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    metrics = run.module.evaluate(run.val_loader.eval_windows(run.cfg.eval_windows), run.scorer)
+    loader = run.val_loader
+    batches = loader.eval_windows(run.cfg.eval_windows, stride=run.cfg.eval.stride,
+                                  by_source=len(loader.sources) > 1)
+    metrics = run.module.evaluate(batches, run.scorer)
     metrics |= run.extra_eval()
     run.counters.evals += 1
     run.counters.last_eval = dict(metrics)
