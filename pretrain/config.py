@@ -154,7 +154,7 @@ class DataConfig:
     the configured data; the saved position is kept per source."""
 
 
-OBJECTIVES = ("clm", "mlm", "span", "fim")
+OBJECTIVES = ("clm", "mlm", "span", "fim", "sft")
 
 
 @dataclass
@@ -165,7 +165,8 @@ class ObjectiveConfig:
 
     name: str = "clm"
     """'clm' (next token, decoder), 'mlm' (masked LM, encoder), 'span' (T5 span corruption,
-    encoder_decoder) or 'fim' (fill-in-the-middle, decoder)."""
+    encoder_decoder), 'fim' (fill-in-the-middle, decoder) or 'sft' (instruction fine-tuning
+    of a decoder on chat JSONL from data.source; see pretrain/data/sft.py)."""
     mask_rate: float = 0.15
     """mlm: fraction of each window's tokens chosen for prediction (exactly
     round(rate * seq_len) per window, as BERT's max_predictions; never EOS/BOS/pad)."""
@@ -189,6 +190,16 @@ class ObjectiveConfig:
     (0: skip it)."""
     eval_infill_max_tokens: int = 24
     """fim: longest middle (in tokens) the infill exact-match metric asks for."""
+    sft_val_source: str | None = None
+    """sft: validation chat JSONL (file, directory or glob); None holds out data.val_fraction
+    of data.source's conversations (at least one)."""
+    sft_strict: bool = False
+    """sft: the first bad record (invalid JSON, unknown role, empty conversation, no assistant
+    message, a message longer than seq_len) is an error naming file and line; else bad records
+    are counted and skipped."""
+    sft_truncate: bool = True
+    """sft: a conversation longer than seq_len + 1 tokens is cut after its last assistant
+    message that fits (later messages dropped); false makes it a bad record."""
 
 
 @dataclass

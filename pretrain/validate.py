@@ -66,7 +66,7 @@ def validate_model(m: ModelConfig) -> None:
 
 # Which family each objective trains, and the layouts each family is proven on.
 _OBJECTIVE_ARCH = {"clm": "decoder", "fim": "decoder", "mlm": "encoder",
-                   "span": "encoder_decoder"}
+                   "span": "encoder_decoder", "sft": "decoder"}
 _PRESET_HINT = {"decoder": "model=cpu (or any decoder preset)", "encoder": "model=cpu_encoder",
                 "encoder_decoder": "model=cpu_t5"}
 
@@ -86,6 +86,9 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig, seq_len: int) -> None
              "objective.mask_token_fraction + objective.random_token_fraction must be <= 1 "
              "(the rest of the chosen tokens stay unchanged)")
     _require(o.mean_span_length >= 1.0, "objective.mean_span_length must be >= 1")
+    _require(o.name != "sft" or o.sft_val_source is None or bool(o.sft_val_source.strip()),
+             "objective.sft_val_source is empty; name a chat JSONL file or glob, or null to "
+             "hold out data.val_fraction")
     if o.name == "span":
         n_spans = round(round(seq_len / (1 - o.noise_density) * o.noise_density)
                         / o.mean_span_length)
@@ -103,6 +106,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     started directly)."""
     validate_model(cfg.model)
     validate_objective(cfg.objective, cfg.model, cfg.seq_len)
+    if cfg.objective.name == "sft":
+        validate_sft(cfg)
     validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None
                       else world_size)
     _require(cfg.precision in ("fp32", "bf16", "fp16"),
@@ -137,6 +142,19 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(stride is None or cfg.objective.name == "clm",
              f"eval.stride scores next-token prediction of a decoder (objective=clm), not "
              f"objective={cfg.objective.name}; unset eval.stride")
+
+
+def validate_sft(cfg: TrainConfig) -> None:
+    """objective=sft: chat JSONL from a local data.source, on a layout with document masking."""
+    p, source = cfg.parallel, cfg.data.source
+    _require(p.backend == "native" and p.pp == 1,
+             "objective=sft packs conversations with document masking, which needs the native "
+             "backend without pipeline parallelism; set parallel.pp=1 and "
+             "parallel.backend=native")
+    _require(not cfg.data.mix and source != "builtin" and not source.startswith("hf:"),
+             f"objective=sft reads chat JSONL from a local file or glob, not data.source="
+             f"{source!r}{' or data.mix' if cfg.data.mix else ''}; set data.source=PATH (lines "
+             '{"messages": [{"role": ..., "content": ...}]})')
 
 
 def validate_parallel(cfg: TrainConfig, world_size: int) -> None:

@@ -30,6 +30,7 @@ from pretrain.config import TrainConfig
 from pretrain.data.build import PreparedData, build_loader, ensure_data, known_tokenizer
 from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.objectives import Objective, Span, build_objective, infill_split, window_keys
+from pretrain.data.sft import SftLoader, build_sft_loaders, ensure_sft_tokenizer
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import NonFiniteError
 from pretrain.eval.generate import InfillDoc, generate, infill_exact_match
@@ -98,8 +99,8 @@ class Run:
     mesh: DeviceMesh | None
     module: TrainModule
     """The step: model, optimizer, schedule (and the engine or pipeline) of this rank."""
-    train_loader: ShardedWindowLoader
-    val_loader: ShardedWindowLoader
+    train_loader: ShardedWindowLoader | SftLoader
+    val_loader: ShardedWindowLoader | SftLoader
     tokenizer: Tokenizer
     total_steps: int
     flops_per_token: float
@@ -190,6 +191,10 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> PreparedData:
     """Rank 0 trains the tokenizer / prepares shards if needed; the others then find the cache.
     A given tokenizer that lacks the objective's special pieces is refused before any data is
     prepared with it."""
+    if cfg.objective.name == "sft":  # chat JSONL read by the loader: only the tokenizer
+        d = cfg.data
+        return _on_main_first(env, lambda: PreparedData({}, ensure_sft_tokenizer(
+            d.source, d.tokenizer, d.cache_dir, vocab_size=cfg.model.vocab_size)))
     tokenizer = known_tokenizer(cfg.data)
     if tokenizer is not None:
         Tokenizer.load(tokenizer).require_specials(cfg.objective.name)
@@ -200,6 +205,26 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> PreparedData:
     if not env.is_main:
         data = ensure_data(cfg.data, vocab_size=cfg.model.vocab_size)
     return data
+
+
+def _on_main_first(env: DistEnv, make: Callable[[], PreparedData]) -> PreparedData:
+    """`make()` on rank 0 (which writes any cache), then on the others (which find it)."""
+    data = make() if env.is_main else None
+    if dist.is_initialized():
+        dist.barrier()
+    return data if data is not None else make()
+
+
+def build_sft_loaders_of(cfg: TrainConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int,
+                         log: bool) -> tuple[SftLoader, SftLoader]:
+    """objective=sft: the packed-conversation loaders (`pretrain.data.sft`)."""
+    o = cfg.objective
+    return build_sft_loaders(
+        cfg.data.source, o.sft_val_source, tokenizer, seq_len=cfg.seq_len,
+        micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
+        vocab_size=cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
+        strict=o.sft_strict, truncate=o.sft_truncate,
+        allow_data_change=cfg.data.allow_data_change, log=log)
 
 
 def build_loaders(cfg: TrainConfig, data: PreparedData, dims: ParallelDims, dp_rank: int,
@@ -226,14 +251,20 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     data = prepare_data(cfg, env)
     tokenizer = Tokenizer.load(data.tokenizer_path)
     # resume wins over init_from: the weights (and their tokenizer) come from the run's own
+    # checkpoint
     init_from = cfg.init_from
     if init_from is not None and resumable_checkpoint(cfg, run_dir) is not None:
         init_from = None
     if init_from is not None:
         check_base_tokenizer(init_from, tokenizer)
-    objective = build_objective(cfg.objective, tokenizer, vocab_size=cfg.model.vocab_size)
-    train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank, objective)
     name = cfg.objective.name
+    if name == "sft":
+        train_loader, val_loader = build_sft_loaders_of(cfg, tokenizer, dp_rank, dims.dp,
+                                                        log=env.is_main)
+        objective: Objective = train_loader.objective
+    else:
+        objective = build_objective(cfg.objective, tokenizer, vocab_size=cfg.model.vocab_size)
+        train_loader, val_loader = build_loaders(cfg, data, dims, dp_rank, objective)
     scorer = build_scorer(name, sentinels=tokenizer.sentinel_ids if name == "span" else None)
     infill_docs = (infill_documents(val_loader, cfg, eos_id=tokenizer.eos_id)
                    if name == "fim" else [])
@@ -327,7 +358,7 @@ class DataWait:
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def batches(self, loader: ShardedWindowLoader, n: int) -> Iterator[Batch]:
+    def batches(self, loader: ShardedWindowLoader | SftLoader, n: int) -> Iterator[Batch]:
         for _ in range(n):
             t = time.perf_counter()
             batch = loader.next_batch()
