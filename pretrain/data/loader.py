@@ -336,7 +336,7 @@ class ShardedWindowLoader:
         starts at token ``j * stride`` rather than ``j * seq_len``; window 0 scores all its
         targets and every later one only its last `stride` (the others, already scored with
         less context, become IGNORE_INDEX context), so each token of the stream is scored once,
-        with ``seq_len - stride`` to ``seq_len`` tokens of context (the transformers perplexity
+        with ``seq_len - stride + 1`` to ``seq_len`` tokens of context (the transformers perplexity
         guide's method). `stride=seq_len` is the plain set.
         """
         if n_windows <= 0:
