@@ -373,9 +373,16 @@ class QuantConfig:
     to the real quantized layers at the end."""
 
     qat: str | None = None
-    """None (off) or a torchao QAT scheme, e.g. 'int8_dynamic_act_int4_weight'."""
+    """None (off) or a torchao QAT scheme: 'int8_dynamic_act_int4_weight' (int8 per-token
+    dynamic activations, int4 weights in groups). The run writes the converted model to
+    runs/NAME/quantized/ at the end."""
     group_size: int = 32
     """Weight quantization group size (int4 schemes)."""
+    fp8_recipe: str = "tensorwise"
+    """precision=fp8: torchao's float8 scaling, 'tensorwise' or 'rowwise'."""
+    fp8_emulate: bool = False
+    """precision=fp8 without fp8 hardware (CPU, GPUs below compute capability 8.9): torchao's
+    emulation in high precision. For tests only: slower than bf16 and saves nothing."""
 
 
 @dataclass
@@ -443,7 +450,9 @@ class TrainConfig:
     micro_batch_size: int = 16
     """Sequences per forward/backward on one rank; accumulation makes up the rest."""
     precision: str = "bf16"
-    """'fp32', 'bf16' (autocast) or 'fp16' (autocast with a loss scaler; GPU only)."""
+    """'fp32', 'bf16' (autocast), 'fp16' (autocast with a loss scaler; GPU only) or 'fp8'
+    (torchao float8 linears, `quant.fp8_recipe`, with bf16 autocast for the rest; GPUs of
+    compute capability 8.9+)."""
     activation_checkpointing: str = "none"
     """'none', 'full' (recompute every block) or 'selective' (keep matmul outputs)."""
     compile: bool | None = None

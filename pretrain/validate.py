@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from pretrain.config import (
     ARCHS,
     OBJECTIVES,
@@ -18,9 +20,11 @@ from pretrain.config import (
     output_whole_on_one_rank,
 )
 from pretrain.errors import ConfigError
+from pretrain.models.lora import LORA_TARGETS
 from pretrain.parallel.deepspeed_backend import deepspeed_config
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.pipeline import check_schedule
+from pretrain.quant.training import FP8_RECIPES, QAT_SCHEMES, check_fp8
 
 
 def _require(ok: bool, message: str) -> None:
@@ -110,8 +114,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         validate_sft(cfg)
     validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None
                       else world_size)
-    _require(cfg.precision in ("fp32", "bf16", "fp16"),
-             f"precision={cfg.precision!r}; use fp32, bf16 or fp16")
+    _require(cfg.precision in ("fp32", "bf16", "fp16", "fp8"),
+             f"precision={cfg.precision!r}; use fp32, bf16, fp16 or fp8")
+    validate_quant(cfg)
     _require(cfg.activation_checkpointing in ("none", "full", "selective"),
              f"activation_checkpointing={cfg.activation_checkpointing!r}; "
              "use none, full or selective")
@@ -142,6 +147,34 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(stride is None or cfg.objective.name == "clm",
              f"eval.stride scores next-token prediction of a decoder (objective=clm), not "
              f"objective={cfg.objective.name}; unset eval.stride")
+    validate_lora(cfg)
+
+
+def validate_lora(cfg: TrainConfig) -> None:
+    """LoRA's fields, and the layouts and precisions it is built and proven for."""
+    lo, p = cfg.lora, cfg.parallel
+    _require(lo.rank >= 0, f"lora.rank={lo.rank}; use 0 (off) or a positive adapter rank")
+    if lo.rank == 0:
+        return
+    unknown = sorted(set(lo.targets) - set(LORA_TARGETS))
+    _require(not unknown, f"lora.targets has {unknown}; use any of {', '.join(LORA_TARGETS)}")
+    _require(bool(lo.targets), f"lora.targets is empty; name any of {', '.join(LORA_TARGETS)}")
+    _require(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout} must be in [0, 1)")
+    _require(lo.alpha > 0, f"lora.alpha={lo.alpha} must be > 0")
+    _require(lo.dropout == 0.0 or cfg.activation_checkpointing == "none",
+             f"lora.dropout={lo.dropout} with activation_checkpointing="
+             f"{cfg.activation_checkpointing}: the recomputation would draw other dropout masks "
+             "(blocks are checkpointed without saving the RNG state); set lora.dropout=0 or "
+             "activation_checkpointing=none")
+    _require(cfg.model.arch == "decoder",
+             f"lora.rank > 0 is built for model.arch=decoder, not {cfg.model.arch}; use a "
+             "decoder model or set lora.rank=0")
+    _require(p.backend == "native" and p.tp == 1 and p.pp == 1,
+             "lora.rank > 0 runs on one process, DDP, FSDP or HSDP (parallel.backend=native, "
+             "parallel.tp=1, parallel.pp=1); change the layout or set lora.rank=0")
+    _require(cfg.precision != "fp8" and not cfg.quant.qat,
+             "lora.rank > 0 trains adapters on a frozen base in fp32/bf16/fp16; it does not "
+             "combine with precision=fp8 or quant.qat: turn one of them off")
 
 
 def validate_sft(cfg: TrainConfig) -> None:
@@ -155,6 +188,35 @@ def validate_sft(cfg: TrainConfig) -> None:
              f"objective=sft reads chat JSONL from a local file or glob, not data.source="
              f"{source!r}{' or data.mix' if cfg.data.mix else ''}; set data.source=PATH (lines "
              '{"messages": [{"role": ..., "content": ...}]})')
+
+
+def validate_quant(cfg: TrainConfig) -> None:
+    """fp8 and QAT: known recipe and scheme, a layout they are wired for, fp8 hardware (or the
+    test-only emulation) on the device the run will use."""
+    q, p = cfg.quant, cfg.parallel
+    _require(q.fp8_recipe in FP8_RECIPES,
+             f"quant.fp8_recipe={q.fp8_recipe!r}; use one of {', '.join(FP8_RECIPES)}")
+    _require(q.qat is None or q.qat in QAT_SCHEMES,
+             f"quant.qat={q.qat!r}; use one of {', '.join(QAT_SCHEMES)} (or null)")
+    _require(not q.qat or (q.group_size > 0 and cfg.model.dim % q.group_size == 0),
+             f"quant.group_size={q.group_size} must divide model.dim={cfg.model.dim}; "
+             "use 32, 64 or 128")
+    for name, on in (("precision=fp8", cfg.precision == "fp8"), ("quant.qat", bool(q.qat))):
+        if not on:
+            continue
+        _require(p.backend == "native",
+                 f"{name} swaps the model's linears for torchao's, which the DeepSpeed engine "
+                 "does not know; use parallel.backend=native")
+        _require(p.tp == 1, f"{name} is not wired for tensor parallelism (torchao's "
+                 "float8 / fake-quantized linears need their own parallel styles); use "
+                 "parallel.tp=1")
+        _require(cfg.model.arch == "decoder",
+                 f"{name} is built and tested for the decoder; use model.arch=decoder")
+    _require(cfg.precision != "fp8" or not q.qat,
+             "precision=fp8 and quant.qat both swap the linears; choose one")
+    if cfg.precision == "fp8":
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        check_fp8(torch.device("cuda" if cuda else "cpu"), q)
 
 
 def validate_parallel(cfg: TrainConfig, world_size: int) -> None:

@@ -41,8 +41,8 @@ from pretrain.eval.generate import (
     read_prompts,
     time_batch_sizes,
 )
+from pretrain.quant.ptq import load_for_generation, trainer_state_of
 from pretrain.train.checkpoint import load_trainer_state, resolve_checkpoint
-from pretrain.train.consolidate import load_model_from_checkpoint
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -57,7 +57,8 @@ class UsageError(ValueError):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("checkpoint", help="run directory, checkpoints/ directory or one checkpoint")
+    p.add_argument("checkpoint", help="run directory, checkpoints/ directory or one checkpoint, "
+                   "or a quantized model directory (pretrain-quantize)")
     p.add_argument("--prompt", action="append",
                    help="decoder: text to continue (default 'def '); encoder: text with <mask>; "
                         "encoder_decoder: input text, may hold <extra_id_N> (repeatable)")
@@ -252,14 +253,15 @@ RUNNERS = {"decoder": run_decoder, "encoder": run_encoder, "encoder_decoder": ru
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        state = load_trainer_state(resolve_checkpoint(args.checkpoint))
+        state = (trainer_state_of(args.checkpoint)  # a quantized model directory
+                 or load_trainer_state(resolve_checkpoint(args.checkpoint)))
         arch = state.get("config", {}).get("model", {}).get("arch", "decoder")
         if arch not in RUNNERS:
             raise UsageError(f"checkpoint model.arch={arch!r}; pretrain-generate knows "
                              f"{', '.join(RUNNERS)}")
         check_flags(args, arch)  # before the weights are read
         records = read_prompts(args.prompts_file) if args.prompts_file is not None else None
-        model, state = load_model_from_checkpoint(args.checkpoint)
+        model, state = load_for_generation(args.checkpoint)  # checkpoint or quantized
         tokenizer = Tokenizer.load(args.tokenizer or state["tokenizer_path"])
         model.eval()
         if records is not None:

@@ -9,12 +9,14 @@ text, so the split does not move with the seed or the file order.
 Template. A tokenizer with a chat template (a Hugging Face tokenizer, `tokenizer.hf`) renders
 the conversation with `apply_chat_template`; the tokens the loss covers are found by rendering
 prefixes: assistant message k spans from the end of ``messages[:k]`` rendered with the
-generation prompt (the assistant header) to the end of ``messages[:k + 1]``, so the span holds
-the answer and the template's end-of-turn token. A template whose prefixes are not prefixes of
+generation prompt (the assistant header; as far as the conversation's tokens agree with it) to
+the end of ``messages[:k + 1]``, so the span holds the answer and the template's end-of-turn
+token. A template whose prefixes are not prefixes of
 the whole rendering (one that rewrites earlier turns) is refused record by record. Our
-SentencePiece tokenizers use the default template, in tokens::
+SentencePiece tokenizers (and Hugging Face ones without a template) use the default template,
+in tokens::
 
-    BOS
+    BOS (when the tokenizer has one)
     per message:  encode("<|{role}|>\\n") + encode(content) + (EOS if assistant else encode("\\n"))
 
 The loss covers each assistant message's content tokens and its EOS (so generation learns to
@@ -81,7 +83,7 @@ _SHOWN_BAD = 3  # bad lines named per file in the summary
 class TextTokenizer(Protocol):
     """What the default template needs of a tokenizer (our SentencePiece `Tokenizer`)."""
 
-    bos_id: int
+    bos_id: int | None
     eos_id: int
 
     def encode(self, text: str) -> list[int]: ...
@@ -117,7 +119,9 @@ class DefaultTemplate:
         self.newline = tokenizer.encode("\n")
 
     def encode(self, messages: Sequence[Message]) -> Encoded:
-        ids, labels, ends = [self.tok.bos_id], [False], []
+        # A tokenizer without BOS (an HF one, Qwen's, ...) starts with the first header.
+        ids = [] if self.tok.bos_id is None else [self.tok.bos_id]
+        labels, ends = [False] * len(ids), []
         for m in messages:
             header = self.headers[m["role"]]
             body = self.tok.encode(m["content"])
@@ -160,14 +164,18 @@ class HFChatTemplate:
                                 "cannot be found")
             ends.append(len(prefix))
             if m["role"] == "assistant":
-                # From the assistant header's end when the template has a generation prompt
-                # that the conversation starts with, else from the previous message's end.
+                # From the end of the generation prompt (the assistant header) where the
+                # conversation's tokens agree with it: a prompt ending in a space ("ASSISTANT: ")
+                # tokenizes its last token differently from the space joined to the answer. A
+                # template without a generation prompt starts at the previous message's end.
                 start = ends[-2] if k else 0
                 try:
                     prompt = self._render(messages[:k], generation_prompt=True)
-                    start = len(prompt) if ids[:len(prompt)] == prompt else start
                 except BadRecord:
-                    pass
+                    prompt = []
+                same = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b),
+                            min(len(ids), len(prompt)))
+                start = min(max(start, same), len(prefix) - 1)
                 labels[start:len(prefix)] = [True] * (len(prefix) - start)
         return Encoded(ids, labels, ends)
 

@@ -42,6 +42,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.models.build import block_stacks, build_model
 from pretrain.models.llama import draw_init_seed
+from pretrain.models.lora import is_lora_name, lora_init_
 from pretrain.parallel.dims import ParallelDims
 
 # Selective activation checkpointing keeps the outputs of these ops (the expensive matmuls and
@@ -382,6 +383,12 @@ def _init_part(part: nn.Module, cfg: ModelConfig, seed: int) -> None:
             ref_buf = dict(ref.named_buffers()).get(clean_fqn(name))
             if ref_buf is not None:
                 buf.copy_(ref_buf)
+    for name in sorted(set(params) - done):
+        if is_lora_name(name):  # adapters: not in the reference model, seeded by name too
+            full = torch.empty(params[name].shape, dtype=torch.float32)
+            lora_init_(name, full, seed)
+            _copy_full_into(params[name], full)
+            done.add(name)
     missing = sorted(set(params) - done)
     if missing:
         raise RuntimeError(f"init_model_weights left parameters uninitialized: {missing[:5]}")

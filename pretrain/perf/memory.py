@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from pretrain.config import LoraConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from pretrain.data.loader import Batch
 from pretrain.parallel.dims import ParallelDims
 from pretrain.train.host import trim_heap
@@ -95,7 +95,8 @@ def measure_cpu_peak_in_subprocess(cfg: TrainConfig, *, steps: int = 2,
 def _measure_json(payload: dict) -> int:
     """`_measure` of the sub-configs `measure_cpu_peak_in_subprocess` sent as JSON."""
     s = payload["settings"]
-    settings = StepSettings(**{**s, "sdpa_backends": tuple(s["sdpa_backends"])})
+    lora = LoraConfig(**s["lora"]) if s.get("lora") else None  # asdict made it a dict
+    settings = StepSettings(**{**s, "sdpa_backends": tuple(s["sdpa_backends"]), "lora": lora})
     return _measure(ModelConfig(**payload["model"]), OptimConfig(**payload["optim"]),
                     ParallelConfig(**payload["parallel"]), settings,
                     seq_len=payload["seq_len"], steps=payload["steps"])

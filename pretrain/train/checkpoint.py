@@ -59,6 +59,17 @@ LATEST = "latest.json"
 # Optimizer state keyed by parameter name, not by group index: pipeline stages each own groups
 # of their own, which index-keyed groups would overwrite.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# A model with frozen parameters (LoRA) saves and loads only its trainable ones: the frozen
+# base comes from `init_from` (or the seed), which the checkpoint names (see
+# `pretrain.train.adapters`). Not strict on load, as the frozen names are absent on purpose;
+# DCP itself refuses a checkpoint that lacks any trainable one.
+_TRAINABLE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True,
+                                      ignore_frozen_params=True, strict=False)
+
+
+def has_frozen_params(model: nn.Module) -> bool:
+    """Whether some parameters of `model` do not train (a LoRA base)."""
+    return any(not p.requires_grad for p in model.parameters())
 
 
 class ModelOptimState(Stateful):
@@ -67,11 +78,12 @@ class ModelOptimState(Stateful):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.options = _TRAINABLE_OPTIONS if has_frozen_params(model) else _OPTIONS
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
-            return {"model": get_model_state_dict(self.model)}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
+            return {"model": get_model_state_dict(self.model, options=self.options)}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.options)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -81,7 +93,7 @@ class ModelOptimState(Stateful):
             optims,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict.get("optim", {}),
-            options=_OPTIONS,
+            options=self.options,
         )
 
     def write_checkpoint(self, path: Path, *, background: bool = False) -> Future | None:

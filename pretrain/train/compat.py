@@ -21,6 +21,7 @@ from pretrain.errors import ConfigError
 from pretrain.models.llama import ffn_hidden_dim
 from pretrain.parallel.deepspeed_backend import is_deepspeed_checkpoint
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.adapters import check_base, lora_mismatches
 
 SHAPE_FIELDS = ("arch", "dim", "n_layers", "n_decoder_layers", "n_heads", "n_kv_heads",
                 "head_dim", "vocab_size", "tie_embeddings", "norm", "bias", "mlp", "position",
@@ -78,12 +79,16 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
     found = resumable_checkpoint(cfg, run_dir)
     if found is None:
         return
-    saved = ckpt.load_trainer_state(found).get("config", {})
+    state = ckpt.load_trainer_state(found)
+    saved = state.get("config", {})
     mismatches = model_mismatches(cfg.model, saved.get("model", {}))
+    mismatches += lora_mismatches(cfg.lora, saved.get("lora", {}))
     backend = "deepspeed" if is_deepspeed_checkpoint(found) else "native"
     if cfg.parallel.backend != backend:
         mismatches.append(("parallel.backend", cfg.parallel.backend, backend))
     if not mismatches:
+        if cfg.lora.rank > 0:  # the adapters need the base they were trained on
+            check_base(found, state, cfg.init_from, cfg.model, cfg.seed)
         return
     if len(mismatches) == 1:
         name, now, old = mismatches[0]

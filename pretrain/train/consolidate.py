@@ -27,6 +27,7 @@ from pretrain.config import ModelConfig
 from pretrain.errors import CheckpointError
 from pretrain.models.build import build_model
 from pretrain.parallel.parallelize import clean_fqn
+from pretrain.train.adapters import is_lora_run, load_lora_model
 from pretrain.train.checkpoint import (
     TRAINER_STATE,
     load_checkpoint,
@@ -45,6 +46,8 @@ _ENGINE_PREFIX = "module."
 def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The run's model on CPU with the checkpoint's weights, and the run's trainer state."""
     ckpt, state = _open(path)
+    if is_lora_run(state):  # adapters only: the base comes from the init_from it names
+        return load_lora_model(ckpt)
     cfg = ModelConfig(**state["config"]["model"])
     model = build_model(cfg, device="cpu")  # initialized: buffers (RoPE) are not in checkpoints
     if _is_deepspeed(ckpt):

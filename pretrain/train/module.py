@@ -28,7 +28,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,11 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from pretrain.config import (
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    QuantConfig,
     TrainConfig,
     uses_chunked_loss,
 )
@@ -50,6 +52,7 @@ from pretrain.errors import CheckpointError, ConfigError
 from pretrain.eval.scores import Scorer
 from pretrain.models.build import build_model
 from pretrain.models.llama import attention_backends, check_initialized
+from pretrain.models.lora import apply_lora
 from pretrain.models.loss import IGNORE_INDEX, cross_entropy
 from pretrain.parallel import deepspeed_backend as ds
 from pretrain.parallel.dims import ParallelDims
@@ -66,6 +69,7 @@ from pretrain.parallel.pipeline import (
     pipeline_split,
     pipeline_step,
 )
+from pretrain.quant.training import apply_training_quant
 from pretrain.train.checkpoint import ModelOptimState
 from pretrain.train.initial import load_initial_weights
 from pretrain.train.optim import build_optimizer, build_schedule
@@ -80,7 +84,8 @@ class StepSettings:
     micro_batch_size: int
     """Sequences per forward/backward on one rank."""
     precision: str = "bf16"
-    """'fp32', 'bf16' (autocast) or 'fp16' (autocast + loss scaler)."""
+    """'fp32', 'bf16' (autocast), 'fp16' (autocast + loss scaler) or 'fp8' (float8 linears,
+    bf16 autocast for the rest)."""
     activation_checkpointing: str = "none"
     """'none', 'full' or 'selective'."""
     compile: bool = False
@@ -91,8 +96,12 @@ class StepSettings:
     """Attention kernels in priority order (empty: PyTorch's choice / the CUDA default)."""
     seed: int = 0
     """Seed of the layout-independent initialization."""
+    lora: LoraConfig | None = None
+    """Low-rank adapters on a frozen base (None: the whole model trains)."""
     init_from: str | None = None
     """Weights loaded over the initialization (`pretrain.train.initial`); None: random."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """fp8 recipe (precision=fp8) and quantization-aware training."""
 
     @classmethod
     def of(cls, cfg: TrainConfig, device: torch.device) -> StepSettings:
@@ -103,7 +112,8 @@ class StepSettings:
                    compile=compile_enabled(cfg, device),
                    chunked_loss=uses_chunked_loss(cfg.loss, cfg.parallel),
                    sdpa_backends=tuple(cfg.sdpa_backends), seed=cfg.seed,
-                   init_from=cfg.init_from)
+                   lora=cfg.lora if cfg.lora.rank > 0 else None,
+                   init_from=cfg.init_from, quant=cfg.quant)
 
 
 def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
@@ -117,7 +127,8 @@ def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any]:
     if precision == "fp32":
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    # fp8: the float8 linears cast their own operands; everything else runs in bf16.
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
@@ -170,6 +181,11 @@ class TrainModule:
     def _build_parts(self, stages: list[tuple[int, nn.Module]], mesh: DeviceMesh | None) -> None:
         s = self.settings
         for _, part in stages:
+            if s.lora is not None:  # on meta, before parallelism wraps the layers
+                apply_lora(part, rank=s.lora.rank, alpha=s.lora.alpha, dropout=s.lora.dropout,
+                           targets=s.lora.targets)
+            # fp8 / QAT swap linears for torchao's; before parallelize, as torchtitan does.
+            apply_training_quant(part, precision=s.precision, quant=s.quant, device=self.device)
             parallelize(part, self.dims, mesh, ac_mode=s.activation_checkpointing,
                         compile=s.compile, parallel=self.parallel, precision=s.precision)
         self.parts = [part for _, part in stages]

@@ -12,7 +12,9 @@ from pretrain.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases and embeddings are not decayed (GPT-3/LLaMA practice)."""
+    """Decay matrices only: norms, biases and embeddings are not decayed (GPT-3/LLaMA practice).
+    Frozen parameters (a LoRA base) are left out: no optimizer state, and empty groups are
+    dropped (LoRA trains matrices only)."""
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -23,10 +25,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]] or groups[:1]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:

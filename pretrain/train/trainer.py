@@ -37,8 +37,11 @@ from pretrain.eval.generate import InfillDoc, generate, infill_exact_match
 from pretrain.eval.scores import Scorer, build_scorer
 from pretrain.models.build import count_params, flops_per_token
 from pretrain.parallel.dims import DistEnv, ParallelDims, destroy_distributed, init_distributed
+from pretrain.quant.export import quantize_model, write_quantized
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.adapters import BASE_KEY, base_record
 from pretrain.train.compat import resumable_checkpoint
+from pretrain.train.consolidate import load_model_from_checkpoint
 from pretrain.train.guards import PreemptionHandler, SpikeDetector, StepWatchdog
 from pretrain.train.hooks import (
     Callback,
@@ -124,6 +127,8 @@ class Run:
     """The objective's validation metrics besides the loss (None for clm)."""
     infill_docs: list[InfillDoc] = field(default_factory=list)
     """fim: held-out (prefix, middle, suffix) documents for the infill exact match."""
+    lora_base: dict[str, Any] | None = None
+    """LoRA: the frozen base the adapters need (`pretrain.train.adapters.base_record`)."""
 
     def extra_eval(self) -> dict[str, float]:
         """Metrics that generate rather than score a batch: the FIM infill exact match, on a
@@ -166,6 +171,8 @@ class Run:
             "config": ckpt.Record(dataclasses.asdict(self.cfg)),
             "tokenizer_path": ckpt.Record(self.tokenizer.path),
         }
+        if self.lora_base is not None:  # LoRA checkpoints lack the base: name it
+            state[BASE_KEY] = ckpt.Record(self.lora_base)
         return state
 
 
@@ -251,9 +258,11 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     data = prepare_data(cfg, env)
     tokenizer = Tokenizer.load(data.tokenizer_path)
     # resume wins over init_from: the weights (and their tokenizer) come from the run's own
-    # checkpoint
+    # checkpoint; but for LoRA, whose checkpoints hold the adapters only, the frozen base is
+    # read again (`check_resume` made sure it is the same)
     init_from = cfg.init_from
-    if init_from is not None and resumable_checkpoint(cfg, run_dir) is not None:
+    if (init_from is not None and cfg.lora.rank == 0
+            and resumable_checkpoint(cfg, run_dir) is not None):
         init_from = None
     if init_from is not None:
         check_base_tokenizer(init_from, tokenizer)
@@ -285,6 +294,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
                                        async_save=cfg.ckpt_async),
         spike=SpikeDetector(window=cfg.spike_window, threshold=cfg.spike_threshold),
         scorer=scorer, infill_docs=infill_docs,
+        lora_base=(base_record(cfg.init_from, cfg.model, cfg.seed) if cfg.lora.rank > 0
+                   else None),
     )
 
 
@@ -537,6 +548,8 @@ def train(cfg: TrainConfig, run_dir: Path, *,
         status = train_loop(run)
         settle(run)
         call(run, "on_end", status)
+        if cfg.quant.qat and status == "completed":
+            write_qat_model(run)
         summary = build_summary(run, status, time.time() - t0)
         if run.env.is_main:
             finish(run, summary, status)
@@ -544,6 +557,27 @@ def train(cfg: TrainConfig, run_dir: Path, *,
     finally:
         run.preempt.uninstall()
         destroy_distributed()
+
+
+def write_qat_model(run: Run) -> None:
+    """quant.qat: the final checkpoint converted to the real quantized model (the scheme the
+    run fake-quantized towards) in run_dir/quantized, for pretrain-generate and
+    pretrain-quantize --eval. Read back from the checkpoint, so any layout converts the same."""
+    run.checkpointer.wait()
+    if dist.is_initialized():
+        dist.barrier()
+    q = run.cfg.quant
+    source = ckpt.resolve_checkpoint(run.run_dir / "checkpoints")
+    # Every rank: with a process group, reading a DCP checkpoint is collective (each rank
+    # holds a whole CPU copy of the model for a moment).
+    model, state = load_model_from_checkpoint(source)
+    if not run.env.is_main:
+        return
+    names = quantize_model(model, q.qat, q.group_size)
+    out = write_quantized(model, run.run_dir / "quantized",
+                          {"scheme": q.qat, "group_size": q.group_size, "quantized": names,
+                           "source": str(source), "trainer_state": state, "qat": True})
+    run.sinks[0].on_text(f"quantized model ({q.qat}, {len(names)} linears) in {out}")
 
 
 def finish(run: Run, summary: dict[str, Any], status: str) -> None:
@@ -567,4 +601,11 @@ def announce(run: Run) -> None:
         f"train {run.train_loader.tokens_per_epoch / 1e6:.2f}M tokens/epoch | "
         f"peak {run.peak_flops / 1e12:.2f} TFLOP/s"
     )
+    if run.lora_base is not None:
+        trainable = sum(p.numel() for p in run.module.model.parameters() if p.requires_grad)
+        base = run.lora_base
+        run.sinks[0].on_text(
+            f"LoRA rank {run.cfg.lora.rank} on {','.join(run.cfg.lora.targets)}: "
+            f"{trainable / 1e6:.3f}M trainable parameters | frozen base: "
+            f"{base['path'] or 'random init, seed ' + str(base['seed'])}")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from pretrain.data.hf_tokenizer import HFTokenizer
 from pretrain.data.sft import (
     BadRecord,
     Conversation,
@@ -104,6 +104,8 @@ def _runs(ids: list[int], labels: list[bool]) -> list[list[int]]:
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_BOS = "{{ bos_token }}" + CHATML
+"""ChatML led by the BOS token's text, as LLaMA's and Mistral's templates are."""
 
 
 def hf_tokenizer(template: str = CHATML) -> Any:
@@ -127,18 +129,32 @@ def hf_tokenizer(template: str = CHATML) -> Any:
     return tok
 
 
-def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token() -> None:
-    hf = hf_tokenizer()
-    wrapped = SimpleNamespace(hf=hf, bos_id=2, eos_id=3, pad_id=0)
-    template = chat_template(wrapped)
-    assert isinstance(template, HFChatTemplate)
-    enc = template.encode(CHAT)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CHAT)
+def saved_hf_tokenizer(directory: Path, template: str = CHATML) -> HFTokenizer:
+    """`hf_tokenizer(template)` saved with save_pretrained to `directory`, loaded back as a run
+    loads it: `Tokenizer.load("hf:DIR")`."""
+    hf_tokenizer(template).save_pretrained(directory)
+    tok = Tokenizer.load(f"hf:{directory}")
+    assert isinstance(tok, HFTokenizer)
+    return tok
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_BOS], ids=["chatml", "bos+chatml"])
+def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token(
+        tmp_path: Path, template: str) -> None:
+    tok = saved_hf_tokenizer(tmp_path / "tok", template)
+    assert tok.chat_template == template
+    hf = tok.hf
+    encoder = chat_template(tok)
+    assert isinstance(encoder, HFChatTemplate)
+    enc = encoder.encode(CHAT)
+    lead = "<s>" if template == CHATML_BOS else ""
+    text = lead + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CHAT)
     # Independently of the prefix renderings: the characters each token covers in the text.
     plain = hf(text, add_special_tokens=False, return_offsets_mapping=True)
     assert enc.ids == plain["input_ids"]
+    assert enc.ids.count(tok.bos_id) == (1 if lead else 0)  # the template's BOS, not doubled
     answers = []  # [start, end) of each answer's content through "<|im_end|>\n"
-    at = 0
+    at = len(lead)
     for m in CHAT:
         at += len(f"<|im_start|>{m['role']}\n")
         end = at + len(m["content"]) + len("<|im_end|>\n")
@@ -151,16 +167,57 @@ def test_hf_chat_template_masks_each_answer_and_its_end_of_turn_token_by_token()
     assert [hf.decode(s) for s in spans] == ["2 + 3 = 5.<|im_end|>\n", "stone apple.<|im_end|>\n"]
 
 
+# Other shapes of real templates, on the same tokenizer: (template, an answer's masked text).
+OTHER_TEMPLATES = {
+    # LLaMA-3's: a header closed by a special token, "\n\n", the content trimmed, EOS per turn.
+    "llama3": ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>\n\n"
+               "{{ m['content'] | trim }}</s>{% endfor %}{% if add_generation_prompt %}"
+               "<|im_start|>assistant<|im_end|>\n\n{% endif %}", "{}</s>"),
+    # Mistral's: no generation prompt, system messages dropped, answers end in EOS.
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                "{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}"
+                "</s>{% endif %}{% endfor %}", "{}</s>"),
+    # Qwen's: a default system message when the conversation has none.
+    "qwen": ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + "
+             "messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n"
+             "You are a bot.<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}{%- if not "
+             "(m.role == 'system' and loop.first) %}{{- '<|im_start|>' + m.role + '\\n' + "
+             "m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if "
+             "add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+             "{}<|im_end|>\n"),
+    # Vicuna's: plain-text roles, a generation prompt ending in a space that the answer's first
+    # token absorbs in the whole rendering ("ASSISTANT: " is not a token prefix of it).
+    "vicuna": ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+               "{% elif m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
+               "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}"
+               "ASSISTANT: {% endif %}", " {}</s>"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_TEMPLATES))
+@pytest.mark.parametrize("system", [True, False], ids=["system", "no-system"])
+def test_other_template_shapes_mask_exactly_the_answers(tmp_path: Path, name: str,
+                                                        system: bool) -> None:
+    template, answer = OTHER_TEMPLATES[name]
+    tok = saved_hf_tokenizer(tmp_path / "tok", template)
+    chat = CHAT if system else CHAT[1:]
+    enc = chat_template(tok).encode(chat)
+    assert enc.ids == tok.hf.apply_chat_template(chat, tokenize=True, return_dict=False)
+    spans = _runs(enc.ids, enc.labels)
+    assert [tok.hf.decode(s) for s in spans] == [answer.format("2 + 3 = 5."),
+                                                 answer.format("stone apple.")]
+
+
 def test_the_loader_trains_an_hf_template_on_its_answers_only(tmp_path: Path) -> None:
-    hf = hf_tokenizer()
-    wrapped = SimpleNamespace(hf=hf, bos_id=hf.bos_token_id, eos_id=hf.eos_token_id,
-                              pad_id=hf.pad_token_id)
+    tok = saved_hf_tokenizer(tmp_path / "tok")
+    hf = tok.hf
     records = synthetic_chats(40, seed=2)
     path = tmp_path / "hf.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    train, val = build_sft_loaders(str(path), str(path), wrapped, seq_len=128,
+    train, val = build_sft_loaders(str(path), str(path), tok, seq_len=128,
                                    micro_batch_size=4, dp_rank=0, dp_size=1, seed=0,
-                                   vocab_size=len(hf), val_fraction=0.0)
+                                   vocab_size=tok.vocab_size, val_fraction=0.0)
+    assert train.pad_id == tok.pad_id == hf.pad_token_id
     answers = sorted(m["content"] + "<|im_end|>\n" for r in records for m in r["messages"]
                      if m["role"] == "assistant")
     got = []
@@ -404,3 +461,24 @@ def test_a_plain_text_prompt_encodes_as_the_template_renders_it(sp: Tokenizer) -
     prompt = text.replace("<|assistant|>\n2 + 3 = 5.", "<|assistant|>\n")
     assert sp.encode(prompt, bos=True) == (template.encode(history[:2]).ids
                                            + template.headers["assistant"])
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
+def test_an_hf_tokenizer_without_a_template_uses_the_default_one(tmp_path: Path,
+                                                                 bos: bool) -> None:
+    """A base model's tokenizer (no chat template; some, as Qwen's, without BOS) trains on the
+    default template, and `pretrain-generate`'s plain-text prompt encodes as it renders."""
+    hf = hf_tokenizer(template=None)
+    if not bos:
+        hf.bos_token = None
+    hf.save_pretrained(tmp_path / "tok")
+    tok = Tokenizer.load(f"hf:{tmp_path / 'tok'}")
+    assert tok.chat_template is None and (tok.bos_id is not None) == bos
+    template = chat_template(tok)
+    assert isinstance(template, DefaultTemplate)
+    enc = template.encode(CHAT[:3])
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in CHAT[:2]) + "<|assistant|>\n"
+    prompt = tok.encode(text, bos=True)
+    answer = tok.encode(CHAT[2]["content"]) + [tok.eos_id]
+    assert enc.ids == prompt + answer
+    assert enc.labels == [False] * len(prompt) + [True] * len(answer)
