@@ -870,8 +870,9 @@ def export_hf(
     class (`hf_class`: config.json, generation_config.json for the generating ones,
     safetensors weights in `dtype`) and, given a tokenizer, one that
     `AutoTokenizer.from_pretrained(out_dir)` loads (a SentencePiece model converted, or a
-    transformers tokenizer given as 'hf:DIR' copied as it is, its special ids in the config).
-    Checks everything before writing anything. Returns out_dir."""
+    transformers tokenizer given as 'hf:DIR' copied as it is, its special ids in the config;
+    a decoder's generation config then stops at its chat template's end-of-turn ids too, see
+    `_generation_config`). Checks everything before writing anything. Returns out_dir."""
     import transformers
 
     if not dtype.is_floating_point:

@@ -25,6 +25,7 @@ from pretrain.models.llama import Transformer
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.trainer import samples
 from tests.unit.test_sft import CHATML, CHATML_BOS, OTHER_TEMPLATES, saved_hf_tokenizer
+from tools.generate import _with_bos
 from tools.generate import main as generate_main
 
 QUESTION = "What is 12 + 30?"
@@ -181,6 +182,8 @@ def test_raw_prompt_that_spells_bos_gets_no_second_bos(chat: dict[str, Any],
     tok, k, ref = chat["tok"], chat["k"], chat["ref"]
     text = tok.hf.decode(chat["prompt"])
     assert text.startswith("<s><|im_start|>user")
+    assert _with_bos(tok, text) == chat["prompt"]  # the one BOS of the text
+    assert _with_bos(tok, text[len("<s>"):]) == chat["prompt"]  # BOS added when it has none
     assert generate_main([str(chat["run"]), "--prompt", text, "--temperature", "0",
                           "--max-new-tokens", str(k)]) == 0
     assert capsys.readouterr().out == f"--- {text!r}\n{text}{tok.decode(ref[:k])}\n"
