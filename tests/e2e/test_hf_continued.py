@@ -78,7 +78,8 @@ def test_continued_training_exports_to_transformers(setup: dict, cache_dir: Path
     losses = step_losses(out / "cont")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
 
-    _run(cache_dir, root, "pretrain-export-hf", str(out / "cont"), str(root / "exported"))
+    proc = _run(cache_dir, root, "pretrain-export-hf", str(out / "cont"), str(root / "exported"))
+    assert "verified: transformers' logits match ours to " in proc.stdout, proc.stdout
     hf = AutoModelForCausalLM.from_pretrained(root / "exported").eval()
     hf_tok = AutoTokenizer.from_pretrained(root / "exported")
     ours, state = load_model_from_checkpoint(out / "cont")
