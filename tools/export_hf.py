@@ -146,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_transformers() -> None:
-    """No progress bars on stderr (saving, loading back): what the tool prints is its verdict,
-    and a failure's one error line."""
+    """No progress bars or warnings from transformers on stderr (saving, loading back, e.g. its
+    notice that an untied T5 is not tied): the check judges the result, and what the tool
+    prints is its verdict, or a failure's one error line."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _checked(export: Callable[[], str], out_dir: str) -> int:
