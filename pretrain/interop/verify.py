@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,7 +197,9 @@ def verify_adapter(adapter_dir: str | Path, cfg: ModelConfig, lora_model: nn.Mod
     from peft import PeftModel
 
     base = _hf_model(base_state_dict, cfg)
-    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     batch = fixed_batch(cfg)
     return _compare(our_logits(lora_model, cfg, batch), _hf_logits(peft_model, cfg, batch), cfg,
                     batch, f"{adapter_dir} (peft adapter)")
