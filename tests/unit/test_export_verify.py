@@ -88,7 +88,8 @@ def test_every_family_is_verified_and_the_figure_printed(family: str, tmp_path: 
                                                          capsys: pytest.CaptureFixture) -> None:
     cfg = FAMILIES[family]
     assert export_main([str(consolidated(cfg, tmp_path)), str(tmp_path / "hf")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err == ""  # no progress bars, no transformers notices: the verdict is on stdout
     found = VERIFIED.search(out)
     assert found, out
     diff, tolerance, n = float(found[1]), float(found[2]), int(found[3])
