@@ -80,7 +80,8 @@ def test_continued_training_exports_to_transformers(setup: dict, cache_dir: Path
     val = {m["step"]: m["val/loss"] for m in read_metrics(out / "cont") if "val/loss" in m}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and val[6] < val[3]
 
-    _run(cache_dir, root, "pretrain-export-hf", str(out / "cont"), str(root / "exported"))
+    proc = _run(cache_dir, root, "pretrain-export-hf", str(out / "cont"), str(root / "exported"))
+    assert "verified: transformers' logits match ours to " in proc.stdout, proc.stdout
     hf = AutoModelForCausalLM.from_pretrained(root / "exported").eval()
     hf_tok = AutoTokenizer.from_pretrained(root / "exported")
     ours, state = load_model_from_checkpoint(out / "cont")
