@@ -53,8 +53,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, *, scheme: str,
                           "quantizes decoders")
     names = quantize_model(model, scheme, group_size, include_output=include_output)
     meta = {"scheme": scheme, "group_size": group_size, "include_output": include_output,
-            "quantized": names,
-            "source": str(ckpt), "trainer_state": state}
+            "quantized": names, "source": str(ckpt), "trainer_state": state}
     write_quantized(model, Path(out), meta)
     return model, meta
 
