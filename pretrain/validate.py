@@ -18,6 +18,7 @@ from pretrain.config import (
     ObjectiveConfig,
     TrainConfig,
     output_whole_on_one_rank,
+    uses_chunked_loss,
 )
 from pretrain.errors import ConfigError
 from pretrain.models.lora import LORA_TARGETS
@@ -212,6 +213,15 @@ def validate_quant(cfg: TrainConfig) -> None:
                  "parallel.tp=1")
         _require(cfg.model.arch == "decoder",
                  f"{name} is built and tested for the decoder; use model.arch=decoder")
+    _require(not q.include_output or bool(q.qat),
+             "quant.include_output=true quantizes the output projection for QAT; set quant.qat "
+             "(PTQ: pretrain-quantize --include-output)")
+    _require(not q.include_output or not uses_chunked_loss(cfg.loss, p),
+             "quant.include_output=true: the chunked loss multiplies by output.weight itself, "
+             "past the fake-quantized output projection; set loss=full")
+    _require(not q.include_output or not cfg.model.tie_embeddings,
+             "quant.include_output=true with model.tie_embeddings=true would quantize the shared "
+             "embedding; use model.tie_embeddings=false or drop quant.include_output")
     _require(cfg.precision != "fp8" or not q.qat,
              "precision=fp8 and quant.qat both swap the linears; choose one")
     if cfg.precision == "fp8":

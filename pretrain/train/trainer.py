@@ -578,9 +578,10 @@ def write_qat_model(run: Run) -> None:
     model, state = load_model_from_checkpoint(source)
     if not run.env.is_main:
         return
-    names = quantize_model(model, q.qat, q.group_size)
+    names = quantize_model(model, q.qat, q.group_size, include_output=q.include_output)
     out = write_quantized(model, run.run_dir / "quantized",
                           {"scheme": q.qat, "group_size": q.group_size, "quantized": names,
+                           "include_output": q.include_output,
                            "source": str(source), "trainer_state": state, "qat": True})
     run.sinks[0].on_text(f"quantized model ({q.qat}, {len(names)} linears) in {out}")
 
