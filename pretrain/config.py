@@ -378,6 +378,10 @@ class QuantConfig:
     runs/NAME/quantized/ at the end."""
     group_size: int = 32
     """Weight quantization group size (int4 schemes)."""
+    include_output: bool = False
+    """QAT: fake-quantize (and convert) the output projection too, as torchao's Llama QAT
+    recipes do; needs loss=full (the chunked loss multiplies by `output.weight` itself) and
+    untied embeddings. Off: the output projection stays high precision (as in torchtitan)."""
     fp8_recipe: str = "tensorwise"
     """precision=fp8: torchao's float8 scaling, 'tensorwise' or 'rowwise'."""
     fp8_emulate: bool = False

@@ -18,6 +18,7 @@ from pretrain.config import (
     ObjectiveConfig,
     TrainConfig,
     output_whole_on_one_rank,
+    uses_chunked_loss,
 )
 from pretrain.errors import ConfigError
 from pretrain.models.lora import LORA_TARGETS
@@ -142,6 +143,13 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
              f"micro_batch_size={cfg.micro_batch_size}")
     _require(cfg.steps > 0 or (cfg.tokens or 0) > 0, "steps (or tokens) must be > 0")
     _require(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    stride = cfg.eval.stride
+    _require(stride is None or 0 < stride <= cfg.seq_len,
+             f"eval.stride={stride} must be in [1, seq_len={cfg.seq_len}]; unset it for "
+             "non-overlapping windows")
+    _require(stride is None or cfg.objective.name == "clm",
+             f"eval.stride scores next-token prediction of a decoder (objective=clm), not "
+             f"objective={cfg.objective.name}; unset eval.stride")
     validate_lora(cfg)
 
 
@@ -234,6 +242,15 @@ def validate_quant(cfg: TrainConfig) -> None:
                  "parallel.tp=1")
         _require(cfg.model.arch == "decoder",
                  f"{name} is built and tested for the decoder; use model.arch=decoder")
+    _require(not q.include_output or bool(q.qat),
+             "quant.include_output=true quantizes the output projection for QAT; set quant.qat "
+             "(PTQ: pretrain-quantize --include-output)")
+    _require(not q.include_output or not uses_chunked_loss(cfg.loss, p),
+             "quant.include_output=true: the chunked loss multiplies by output.weight itself, "
+             "past the fake-quantized output projection; set loss=full")
+    _require(not q.include_output or not cfg.model.tie_embeddings,
+             "quant.include_output=true with model.tie_embeddings=true would quantize the shared "
+             "embedding; use model.tie_embeddings=false or drop quant.include_output")
     _require(cfg.precision != "fp8" or not q.qat,
              "precision=fp8 and quant.qat both swap the linears; choose one")
     if cfg.precision == "fp8":

@@ -2,10 +2,14 @@
 
     python -m tools.fit_scaling multirun/2025-01-01/12-00-00 --budget 1e21
     python -m tools.fit_scaling SWEEP_DIR --gpu-hours 1000 --flops-per-sec 4e14
+    python -m tools.fit_scaling SWEEP_DIR --budget 1e21 --downstream eval/hellaswag/acc_norm
 
 Collects every run's summary.json under SWEEP_DIR (reporting the runs it skips and why), fits
 Approach 2 (IsoFLOP minima) and Approach 3 (parametric L(N, D)) of Hoffmann et al. 2022, writes
-fit.json and the plots to --out, and prints the compute-optimal model as Hydra overrides.
+fit.json and the plots to --out, and prints the compute-optimal model as Hydra overrides. Each
+--downstream METRIC (a key of the runs' final_eval) is also fitted against compute through the
+loss with Llama 3's sigmoid link (`pretrain.scaling.downstream`), plotted, and predicted at the
+budget.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from typing import Any
 
 from launch.common import config_dir
 from pretrain.scaling.collect import RunResult, SkippedRun, collect_runs
+from pretrain.scaling.downstream import (
+    DownstreamFit,
+    DownstreamPrediction,
+    fit_downstream,
+    predict_at,
+)
 from pretrain.scaling.fit import (
     MIN_BUDGETS,
     MIN_RUNS_PARAMETRIC,
@@ -62,6 +72,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int,
                    help="sequence length of the recommended run (default: the sweep's)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--downstream", action="append", default=[], metavar="METRIC",
+                   help="also fit this final_eval metric against compute through the loss "
+                        "(Llama 3's sigmoid link), e.g. eval/hellaswag/acc_norm; repeatable")
     return p.parse_args(argv)
 
 
@@ -176,6 +189,7 @@ def _jsonable(value: Any) -> Any:
 def fit_record(
     sweep_dir: Path, runs: Sequence[RunResult], skipped: Sequence[SkippedRun], fits: Fits,
     rec: Recommendation | None, plots: Sequence[Path],
+    downstream: Sequence[Downstream] = (),
 ) -> dict[str, Any]:
     """The content of fit.json.
 
@@ -186,7 +200,11 @@ def fit_record(
      isoflop_error: str | null,
      parametric: {E, A, B, alpha, beta, a, b, G, objective, n_runs, flops_per_param_token,
                   params_kind, huber_delta, n_bootstrap, ci: {name: [lo, hi]}},
-     recommendation: Recommendation fields | null, plots: [file names]}
+     recommendation: Recommendation fields | null, plots: [file names],
+     downstream: [{metric, error: str | null, fit: {metric, lo, hi, k, l0, rmse,
+                   points: [{name, flops, loss, value}], skipped} | null,
+                   prediction: {metric, budget_flops, loss, value, preset_loss,
+                                preset_value} | null}]}
     PowerLaw is {exponent, coefficient, exponent_se, log_coefficient_se, exponent_ci}.
     """
     isoflop, parametric = fits.isoflop, fits.parametric
@@ -206,7 +224,56 @@ def fit_record(
         "parametric": {**asdict(parametric), **derived},
         "recommendation": asdict(rec) if rec else None,
         "plots": [p.name for p in plots],
+        "downstream": [{"metric": d.metric, "error": d.error,
+                        "fit": asdict(d.fit) if d.fit else None,
+                        "prediction": asdict(d.prediction) if d.prediction else None}
+                       for d in downstream],
     })
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """One --downstream metric: its link fit and prediction, or why there is none."""
+
+    metric: str
+    fit: DownstreamFit | None
+    prediction: DownstreamPrediction | None
+    error: str | None = None
+
+
+def fit_downstreams(metrics: Sequence[str], runs: Sequence[RunResult],
+                    rec: Recommendation | None) -> list[Downstream]:
+    out = []
+    for metric in metrics:
+        try:
+            fit = fit_downstream(runs, metric)
+        except ScalingFitError as err:
+            out.append(Downstream(metric, None, None, str(err)))
+            continue
+        pred = (predict_at(fit, rec.budget_flops, rec.loss_opt, rec.preset_loss)
+                if rec is not None and rec.loss_opt is not None else None)
+        out.append(Downstream(metric, fit, pred))
+    return out
+
+
+def print_downstream(d: Downstream) -> None:
+    if d.fit is None:
+        print(f"downstream {d.metric}: not fitted: {d.error}")
+        return
+    f = d.fit
+    print(f"downstream {d.metric} = lo + (hi - lo) / (1 + exp(k (L - L0))), "
+          f"{len(f.points)} runs (Llama 3's sigmoid link):")
+    print(f"  lo = {f.lo:.4g}, hi = {f.hi:.4g}, k = {f.k:.4g}, L0 = {f.l0:.4g} "
+          f"(rmse {f.rmse:.3g})")
+    for line in f.skipped:
+        print(f"  skipped {line}")
+    p = d.prediction
+    if p is not None:
+        print(f"  at the recommended budget {p.budget_flops:.3g} FLOPs: compute-optimal loss "
+              f"{p.loss:.4f} -> predicted {d.metric} = {p.value:.4f}")
+        if p.preset_value is not None:
+            print(f"  the recommended preset (predicted loss {p.preset_loss:.4f}): "
+                  f"{d.metric} = {p.preset_value:.4f}")
 
 
 def _sweep_seq_len(runs: Sequence[RunResult]) -> int:
@@ -215,7 +282,8 @@ def _sweep_seq_len(runs: Sequence[RunResult]) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pretrain.scaling.plots import plot_all  # matplotlib only once there is work to draw
+    # matplotlib only once there is work to draw
+    from pretrain.scaling.plots import plot_all, plot_downstream
 
     budget = resolve_budget(args)
     runs, skipped = collect(args)
@@ -228,16 +296,24 @@ def run(args: argparse.Namespace) -> None:
         rec = recommend(fits.parametric, budget, presets, args.seq_len or _sweep_seq_len(runs))
     out = args.out or args.sweep_dir / "scaling"
     plots = plot_all(runs, fits.isoflop, fits.parametric, out, [budget] if budget else [])
-    record = fit_record(args.sweep_dir, runs, skipped, fits, rec, plots)
+    downstream = fit_downstreams(args.downstream, runs, rec)
+    for d in downstream:
+        if d.fit is not None:
+            name = "downstream_" + "".join(ch if ch.isalnum() else "_" for ch in d.metric)
+            plots.append(plot_downstream(d.fit, fits.parametric, out / f"{name}.png",
+                                         d.prediction))
+    record = fit_record(args.sweep_dir, runs, skipped, fits, rec, plots, downstream)
     (out / "fit.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out / 'fit.json'} and {', '.join(p.name for p in plots)}")
     if rec is None:
         print("pass --budget FLOPS (or --gpu-hours H --flops-per-sec F) for a recommendation")
-        return
-    print_recommendation(rec)
-    if fits.isoflop is not None:
-        n2, d2 = fits.isoflop.optimal(rec.budget_flops)
-        print(f"(Approach 2 at this budget: N_opt = {n2:.4g}, D_opt = {d2:.4g})")
+    else:
+        print_recommendation(rec)
+        if fits.isoflop is not None:
+            n2, d2 = fits.isoflop.optimal(rec.budget_flops)
+            print(f"(Approach 2 at this budget: N_opt = {n2:.4g}, D_opt = {d2:.4g})")
+    for d in downstream:
+        print_downstream(d)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

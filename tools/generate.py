@@ -7,6 +7,12 @@
                      one JSON line per prompt, in input order:
                        pretrain-generate runs/NAME --prompts-file prompts.txt --batch-size 16
                        pretrain-generate runs/NAME --prompts-file prompts.txt --benchmark
+                     answer as a chat model (a run trained with objective=sft): the message is
+                     rendered with the run's chat template (its generation prompt included) and
+                     the answer stops at EOS or the template's end-of-turn token:
+                       pretrain-generate runs/NAME --chat "What is 2 + 3?" --temperature 0
+                       pretrain-generate runs/NAME --chat --prompts-file questions.txt
+                     (one user message per line, or .jsonl with a "messages" list per line)
     encoder          fill each <mask> of the prompt; prints the text and the top-k per mask:
                        pretrain-generate runs/BERT --prompt "The <mask> sat on the mat." --top-k 5
     encoder_decoder  decode from the prompt, which may hold T5 sentinels (<extra_id_0>, ...):
@@ -28,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.data.sft import DefaultTemplate, HFChatTemplate, chat_template
 from pretrain.data.tokenizer import MASK, SENTINELS, Tokenizer
 from pretrain.errors import PretrainError
 from pretrain.eval.generate import (
@@ -38,6 +45,7 @@ from pretrain.eval.generate import (
     generate_many,
     generate_seq2seq,
     infill,
+    read_chats,
     read_prompts,
     time_batch_sizes,
 )
@@ -83,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"with --prompts-file: prompts per batch (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--out", type=Path,
                    help="with --prompts-file: write the JSON lines here (default stdout)")
+    p.add_argument("--chat", action="append", nargs="?", const="", metavar="MESSAGE",
+                   help="decoder: answer MESSAGE as the user's turn, rendered with the run's "
+                        "chat template; stops at its end-of-turn token (repeatable). Alone with "
+                        "--prompts-file: each line is a user message (.jsonl: \"messages\")")
+    p.add_argument("--system", help="with --chat: a system message before each user message")
     p.add_argument("--benchmark", action="store_true",
                    help="with --prompts-file: print tokens/s at batch size 1 and --batch-size "
                         "instead of the completions")
@@ -93,6 +106,7 @@ def check_flags(args: argparse.Namespace, arch: str) -> None:
     """UsageError, in one line, for flags that mean nothing to the model family `arch`."""
     infilling = args.prefix is not None or args.suffix is not None
     _check_batch_flags(args, arch, infilling)
+    _check_chat_flags(args, arch, infilling)
     if arch == "decoder":
         if infilling and args.prompt:
             raise UsageError("--prompt continues a text, --prefix/--suffix fill in a middle; "
@@ -115,6 +129,25 @@ def check_flags(args: argparse.Namespace, arch: str) -> None:
             if MASK not in prompt:
                 raise UsageError(f"prompt {prompt!r} has no {MASK}; write {MASK} where the "
                                  "encoder should predict a token")
+
+
+def _check_chat_flags(args: argparse.Namespace, arch: str, infilling: bool) -> None:
+    if args.chat is None:
+        if args.system is not None:
+            raise UsageError("--system goes with --chat; add --chat \"MESSAGE\", or drop it")
+        return
+    if arch != "decoder":
+        raise UsageError(f"--chat answers with a decoder; this checkpoint is an {arch}: give "
+                         "its input with --prompt")
+    if args.prompt or infilling:
+        raise UsageError("--chat \"MESSAGE\" is the prompt; drop --prompt/--prefix/--suffix")
+    messages = [m for m in args.chat if m]
+    if args.prompts_file is not None and messages:
+        raise UsageError("--chat with --prompts-file takes the messages from the file; give "
+                         "--chat without a message")
+    if args.prompts_file is None and len(messages) < len(args.chat):
+        raise UsageError("--chat needs the user's message, e.g. --chat \"What is 2 + 3?\" "
+                         "(or --prompts-file F with one message per line)")
 
 
 def _check_batch_flags(args: argparse.Namespace, arch: str, infilling: bool) -> None:
@@ -154,12 +187,40 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
                 generator=torch.Generator().manual_seed(seed))
 
 
+def _with_bos(tok: Tokenizer, text: str) -> list[int]:
+    """`text`'s ids after BOS, unless they already start with it (an HF tokenizer reads "<s>"
+    written in the text as BOS)."""
+    ids = tok.encode(text)
+    return ids if tok.bos_id is None or ids[:1] == [tok.bos_id] else [tok.bos_id, *ids]
+
+
+def _chat_template(tok: Tokenizer, state: dict[str, Any]) -> DefaultTemplate | HFChatTemplate:
+    """The template the run trained with (`pretrain.data.sft.chat_template`, as objective=sft
+    renders its data)."""
+    objective = state.get("config", {}).get("objective", {}).get("name", "clm")
+    if objective != "sft":
+        print(f"note: this run trained objective={objective}, not sft; it has not learnt the "
+              "chat template", file=sys.stderr)
+    return chat_template(tok)
+
+
+def _system(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [] if args.system is None else [{"role": "system", "content": args.system}]
+
+
 def run_decoder(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
                 state: dict[str, Any]) -> None:
     sampling = _sampling(args)
+    if args.chat is not None:
+        template = _chat_template(tok, state)
+        for message in args.chat:
+            ids = template.prompt([*_system(args), {"role": "user", "content": message}])
+            new = generate(model, ids, eos_id=tok.eos_id, stop_ids=template.stop_ids(), **sampling)
+            print(f"--- {message!r}\n{tok.decode(new)}")
+        return
     if args.prefix is None and args.suffix is None:
         for prompt in args.prompt or ["def "]:
-            new = generate(model, tok.encode(prompt, bos=True), eos_id=tok.eos_id, **sampling)
+            new = generate(model, _with_bos(tok, prompt), eos_id=tok.eos_id, **sampling)
             print(f"--- {prompt!r}\n{prompt}{tok.decode(new)}")
         return
     fim_ids = tok.fim_ids  # DataError naming the tokenizer and the fix when it has none
@@ -175,12 +236,19 @@ def run_decoder(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
 
 
 def run_batched(model: nn.Module, tok: Tokenizer, args: argparse.Namespace,
-                records: list[dict[str, Any]]) -> None:
+                records: list[dict[str, Any]], state: dict[str, Any]) -> None:
     """Every prompt of the file, `--batch-size` at a time: one JSON line per prompt, in input
-    order, or with --benchmark the tokens/s of batch size 1 against --batch-size."""
+    order, or with --benchmark the tokens/s of batch size 1 against --batch-size. With --chat
+    the records are conversations, rendered and stopped as `run_decoder` does."""
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    prompts = [tok.encode(r["prompt"], bos=True) for r in records]
-    kwargs = dict(**_decoding(args), eos_id=tok.eos_id, pad_id=tok.pad_id,
+    stop_ids: list[int] = []
+    if args.chat is None:
+        prompts = [_with_bos(tok, r["prompt"]) for r in records]
+    else:
+        template = _chat_template(tok, state)
+        prompts = [template.prompt([*_system(args), *r["messages"]]) for r in records]
+        stop_ids = template.stop_ids()
+    kwargs = dict(**_decoding(args), eos_id=tok.eos_id, stop_ids=stop_ids, pad_id=tok.pad_id,
                   seed=0 if args.seed is None else args.seed)
     if args.benchmark:
         _print_timings(model, prompts, batch_size, kwargs)
@@ -260,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"checkpoint model.arch={arch!r}; pretrain-generate knows "
                              f"{', '.join(RUNNERS)}")
         check_flags(args, arch)  # before the weights are read
-        records = read_prompts(args.prompts_file) if args.prompts_file is not None else None
+        read = read_prompts if args.chat is None else read_chats
+        records = read(args.prompts_file) if args.prompts_file is not None else None
         model, state = load_for_generation(args.checkpoint)  # checkpoint or quantized
         tokenizer = Tokenizer.load(args.tokenizer or state["tokenizer_path"])
         model.eval()
         if records is not None:
-            run_batched(model, tokenizer, args, records)
+            run_batched(model, tokenizer, args, records, state)
         else:
             RUNNERS[arch](model, tokenizer, args, state)
     except (PretrainError, ValueError) as e:  # user errors: one line, no traceback

@@ -1,7 +1,12 @@
 """The README's quantization table from one command: a bf16 run's checkpoint quantized with
 every PTQ scheme, and a QAT run's converted model, measured side by side on CPU.
 
-    python -m tools.quant_report --base runs/quant_ft_bf16 --qat runs/quant_ft_qat
+    python -m tools.quant_report --base runs/ft_bf16 --qat runs/ft_qat --group-size 128 \
+        --include-output
+
+The base is the bf16 control of the QAT run (the same start, steps and data), so that the
+recovered fraction compares models that have seen the same tokens; --group-size and
+--include-output must be the QAT run's quant.group_size and quant.include_output (checked).
 
 Per row: validation loss on the base run's validation windows (its eval_windows), size of the
 weights file, and greedy generation speed (KV cache, the same prompt and length for every
@@ -29,6 +34,7 @@ from pretrain.quant.ptq import (
     generation_speed,
     load_quantized,
     quantize_checkpoint,
+    read_meta,
     size_on_disk,
     validation_batches,
     validation_loss,
@@ -44,12 +50,21 @@ class Row:
     speed: float = 0.0
 
 
-def build_rows(base: str, qat: str | None, out: Path, group_size: int) -> list[Row]:
+def build_rows(base: str, qat: str | None, out: Path, group_size: int,
+               include_output: bool = False) -> list[Row]:
     """Write the base run's quantized models under `out` (the QAT run's own converted model
     is its run_dir/quantized) and load each as pretrain-generate does."""
+    if qat is not None:  # before the PTQ work: the rows must quantize alike
+        meta = read_meta(Path(qat) / "quantized")
+        got = (meta["group_size"], meta.get("include_output", False))
+        if got != (group_size, include_output):
+            raise ValueError(f"{qat} trained with quant.group_size={got[0]} "
+                             f"quant.include_output={got[1]}; pass --group-size {got[0]}"
+                             f"{' --include-output' if got[1] else ''} to compare like with like")
     paths = []
     for scheme in SCHEMES:
-        quantize_checkpoint(base, out / scheme, scheme=scheme, group_size=group_size)
+        quantize_checkpoint(base, out / scheme, scheme=scheme, group_size=group_size,
+                            include_output=include_output)
         paths.append((f"PTQ {scheme}" if scheme != "bf16" else "bf16", out / scheme))
     if qat is not None:
         quantize_checkpoint(qat, out / "qat_float", scheme="bf16")
@@ -110,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True, help="the bf16 run (directory or checkpoint)")
     p.add_argument("--qat", help="the QAT run directory (its quantized/ is the QAT row)")
     p.add_argument("--out", help="where the PTQ models go (default: BASE/quantized_ptq)")
-    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=32, help="int4 weight group (default 32)")
+    p.add_argument("--include-output", action="store_true",
+                   help="quantize the output projection too (as the QAT run's "
+                   "quant.include_output=true)")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         out = Path(args.out or Path(args.base) / "quantized_ptq")
-        rows = build_rows(args.base, args.qat, out, args.group_size)
+        rows = build_rows(args.base, args.qat, out, args.group_size, args.include_output)
         state = load_quantized(rows[0].path)[1]["trainer_state"]
         measure(rows, state, prompt=args.prompt, new_tokens=args.new_tokens,
                 rounds=args.rounds)

@@ -10,7 +10,8 @@ validation windows.
 Schemes: int8_weight_only (int8 per-channel weights), int4_weight_only (int4 weights in
 groups), int8_dynamic_act_int4_weight (int8 dynamic activations, int4 weights: what
 quant.qat=int8_dynamic_act_int4_weight trains for), bf16 (no quantization: the baseline).
-The blocks' linears are quantized; embeddings, norms and the output projection stay bf16.
+The blocks' linears are quantized; embeddings, norms and the output projection stay bf16
+(--include-output quantizes the output projection too, as torchao's Llama QAT recipes do).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", help=f"one of {', '.join(SCHEMES)}")
     p.add_argument("--out", help="quantized model directory to write")
     p.add_argument("--group-size", type=int, default=32, help="int4 weight group (default 32)")
+    p.add_argument("--include-output", action="store_true",
+                   help="quantize the output projection too (untied embeddings only)")
     p.add_argument("--eval", action="store_true",
                    help="print the quantized model's validation loss (the run's eval_windows)")
     p.add_argument("--eval-windows", type=int, default=None,
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("give --scheme and --out (e.g. --scheme int8_weight_only "
                                  "--out runs/NAME/int8)")
             quantize_checkpoint(args.checkpoint, args.out, scheme=args.scheme,
-                                group_size=args.group_size)
+                                group_size=args.group_size,
+                                include_output=args.include_output)
             out = args.out
             model, meta = load_quantized(out)  # what pretrain-generate will load
             print(f"wrote {out} ({meta['scheme']}, {len(meta['quantized'])} linears quantized, "

@@ -71,6 +71,8 @@ class Batch:
     middle_mask: torch.Tensor | None = None
     """(B, T) bool, fim: the target is a token of a FIM middle (for the loss on the middles);
     not a model input."""
+    source: str | None = None
+    """Validation by source: the one source every row of the batch comes from."""
 
     @classmethod
     def from_numpy(cls, c: Corrupted) -> Batch:
@@ -85,8 +87,8 @@ class Batch:
         return iter((self.inputs, self.targets))
 
     def _map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        return Batch(**{x.name: None if (t := getattr(self, x.name)) is None else f(t)
-                        for x in fields(self)})
+        return Batch(**{x.name: f(t) if isinstance(t := getattr(self, x.name), torch.Tensor)
+                        else t for x in fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """On `device`; non-blocking copies overlap the transfer when the batch is pinned."""
@@ -126,6 +128,9 @@ class Rows:
     sources: np.ndarray
     windows: np.ndarray
     positions: np.ndarray
+    starts: np.ndarray | None = None
+    """Stream offset of each row's first token, for windows that overlap (sliding-window
+    validation); None: window w starts at w * (window_len - 1)."""
 
 
 class ShardedWindowLoader:
@@ -266,8 +271,12 @@ class ShardedWindowLoader:
         of their positions in `stream` (default: the split; thread-safe: the shards are
         read-only)."""
         tokens = np.empty((len(rows.windows), self.window_len), dtype=np.int64)  # (B, W)
-        for out, s, w in zip(tokens, rows.sources, rows.windows):
-            self.sources[s].read(int(w), out)
+        if rows.starts is None:
+            for out, s, w in zip(tokens, rows.sources, rows.windows):
+                self.sources[s].read(int(w), out)
+        else:
+            for out, s, start in zip(tokens, rows.sources, rows.starts.tolist()):
+                self.sources[s].read_at(start, out)
         masking = self.document_masking and self.objective.aligned
         # Document ids of every window token when the objective needs them, else of the inputs.
         length = self.window_len if self.objective.needs_doc_ids else self.seq_len
@@ -284,10 +293,15 @@ class ShardedWindowLoader:
 
     def _document_ids(self, rows: Rows, length: int) -> np.ndarray:
         ids = np.empty((len(rows.windows), length), dtype=np.int64)  # (B, length)
+        starts = self._starts(rows)
         for s in np.unique(rows.sources):
             at = rows.sources == s
-            ids[at] = self.sources[s].document_ids(rows.windows[at], length)
+            ids[at] = self.sources[s].document_ids_at(starts[at], length)
         return ids
+
+    def _starts(self, rows: Rows) -> np.ndarray:
+        """Stream offset of each row's first token."""
+        return rows.windows * (self.window_len - 1) if rows.starts is None else rows.starts
 
     def _reset_prefetch(self) -> None:
         """Drop batches read ahead under a state that no longer holds."""
@@ -300,7 +314,8 @@ class ShardedWindowLoader:
         """Stop the prefetch threads."""
         self._reset_prefetch()
 
-    def eval_windows(self, n_windows: int, source: str | None = None) -> Iterator[Batch]:
+    def eval_windows(self, n_windows: int, source: str | None = None, *,
+                     stride: int | None = None, by_source: bool = False) -> Iterator[Batch]:
         """This rank's micro-batches of the first `n_windows` validation windows, the same set
         in every run and on every layout: each source's windows in stream order from window 0
         (wrapping around a small split), mixed by weight (or only `source`'s).
@@ -314,9 +329,22 @@ class ShardedWindowLoader:
         ranks, is therefore the same for any dp_size and micro-batch size. The objective's
         corruption is keyed by the eval position (a padding row repeats its real row's), so it
         is the same in every evaluation. The training position is untouched.
+
+        `by_source`: the same windows (and keys), batched one source at a time, each batch
+        naming its `source`, so a loss can be told apart by source on any layout (each source
+        pads its own last batch). `stride` (next-token prediction): window ``j`` of a source
+        starts at token ``j * stride`` rather than ``j * seq_len``; window 0 scores all its
+        targets and every later one only its last `stride` (the others, already scored with
+        less context, become IGNORE_INDEX context), so each token of the stream is scored once,
+        with ``seq_len - stride + 1`` to ``seq_len`` tokens of context (the transformers perplexity
+        guide's method). `stride=seq_len` is the plain set.
         """
         if n_windows <= 0:
             raise ValueError(f"need n_windows > 0; got {n_windows}")
+        seq_len = self.window_len - 1
+        if stride is not None and not (0 < stride <= seq_len and self.objective.name == "clm"):
+            raise ValueError(f"stride={stride} needs objective clm and 0 < stride <= "
+                             f"seq_len={seq_len}")
         g, mb = self.global_batch_windows, self.micro_batch_size
         positions = np.arange(n_windows)
         if source is None:
@@ -326,17 +354,27 @@ class ShardedWindowLoader:
         windows = np.empty_like(positions)
         for s, src in enumerate(self.sources):
             at = sources == s
-            windows[at] = np.arange(int(at.sum())) % src.windows_per_epoch
+            per_epoch = src.windows_per_epoch if stride is None else src.windows_at_stride(stride)
+            windows[at] = np.arange(int(at.sum())) % per_epoch
+        starts = None if stride is None else windows * stride
         stream = f"eval:{self.split}" + ("" if source is None else f":{source}")
-        for i in range(-(-n_windows // g)):
-            rows = i * g + self.dp_rank * mb + np.arange(mb)
-            padding = rows >= n_windows
-            rows = rows % n_windows  # a padding row reads some real window
-            batch = self.read(Rows(sources[rows], windows[rows], rows), stream)
-            batch.targets[torch.from_numpy(padding)] = IGNORE_INDEX
-            if batch.middle_mask is not None:
-                batch.middle_mask[torch.from_numpy(padding)] = False
-            yield batch
+        groups = ([(self.names[s], positions[sources == s]) for s in np.unique(sources)]
+                  if by_source else [(None, positions)])
+        for name, real in groups:
+            for i in range(-(-len(real) // g)):
+                at = i * g + self.dp_rank * mb + np.arange(mb)
+                padding = at >= len(real)
+                rows = real[at % len(real)]  # a padding row reads some real window
+                batch = self.read(Rows(sources[rows], windows[rows], rows,
+                                      None if starts is None else starts[rows]), stream)
+                if stride is not None:  # later windows score only their last `stride` targets
+                    later = torch.from_numpy(windows[rows] > 0)
+                    batch.targets[later, :seq_len - stride] = IGNORE_INDEX
+                batch.targets[torch.from_numpy(padding)] = IGNORE_INDEX
+                if batch.middle_mask is not None:
+                    batch.middle_mask[torch.from_numpy(padding)] = False
+                batch.source = name
+                yield batch
 
     def _index(self, name: str) -> int:
         if name not in self.names:

@@ -21,7 +21,9 @@ in tokens::
 
 The loss covers each assistant message's content tokens and its EOS (so generation learns to
 stop), nothing else. A prompt for generation is the rendering of the conversation so far followed
-by ``encode("<|assistant|>\\n")``.
+by ``encode("<|assistant|>\\n")`` (`prompt`); an answer ends at EOS (`stop_ids`). With a chat
+template, the prompt is its rendering with the generation prompt, and an answer ends at EOS or
+the special tokens the template closes an assistant turn with.
 
 Loss mask. A conversation of n tokens contributes n - 1 inputs (its tokens but the last) and
 their next tokens as targets; a target is IGNORE_INDEX unless it is an assistant token.
@@ -78,6 +80,7 @@ ROLES = ("system", "user", "assistant")
 STATE_VERSION = 1
 _OPEN_WINDOWS = 16  # windows packing still fills: near first-fit, without a quadratic scan
 _SHOWN_BAD = 3  # bad lines named per file in the summary
+_PROBE = "Sure, done."  # an answer to render, to find what a template writes after one
 
 
 class TextTokenizer(Protocol):
@@ -132,6 +135,15 @@ class DefaultTemplate:
             ends.append(len(ids))
         return Encoded(ids, labels, ends)
 
+    def prompt(self, messages: Sequence[Message]) -> list[int]:
+        """The tokens a model continues with the next assistant message: `messages` rendered,
+        then the assistant header."""
+        return self.encode(messages).ids + self.headers["assistant"]
+
+    def stop_ids(self) -> list[int]:
+        """Where an answer ends: EOS, the token this template closes an assistant turn with."""
+        return [self.tok.eos_id]
+
 
 class HFChatTemplate:
     """A Hugging Face tokenizer's own chat template; assistant spans from prefix renderings."""
@@ -178,6 +190,27 @@ class HFChatTemplate:
                 start = min(max(start, same), len(prefix) - 1)
                 labels[start:len(prefix)] = [True] * (len(prefix) - start)
         return Encoded(ids, labels, ends)
+
+    def prompt(self, messages: Sequence[Message]) -> list[int]:
+        """`apply_chat_template(messages, add_generation_prompt=True)`: the tokens a model
+        continues with the next assistant message (BOS as the template places it)."""
+        return self._render(messages, generation_prompt=True)
+
+    def stop_ids(self) -> list[int]:
+        """Where an answer ends: EOS and the special tokens the template writes after an
+        assistant message's content (ChatML's <|im_end|>, LLaMA-3's <|eot_id|>, ...), found by
+        rendering a probe conversation as text. Plain text after the content (a newline) does
+        not stop: it would also occur inside answers."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+        try:
+            text = self.hf.apply_chat_template(probe, tokenize=False)
+        except Exception:  # a template that refuses the probe: EOS is all we know
+            return [self.hf.eos_token_id]
+        at = text.rfind(_PROBE) if isinstance(text, str) else -1
+        tail = self.hf.encode(text[at + len(_PROBE):], add_special_tokens=False) if at >= 0 else []
+        special = set(self.hf.all_special_ids)
+        special |= {i for i, t in self.hf.added_tokens_decoder.items() if t.special}
+        return list(dict.fromkeys([self.hf.eos_token_id, *(i for i in tail if i in special)]))
 
 
 def chat_template(tokenizer: Any) -> DefaultTemplate | HFChatTemplate:

@@ -96,6 +96,11 @@ class WindowSource:
         """Target tokens trained on per epoch (each window predicts seq_len tokens)."""
         return self.windows_per_epoch * self.seq_len
 
+    def windows_at_stride(self, stride: int) -> int:
+        """Windows of seq_len + 1 tokens that start every `stride` tokens and fit the split
+        (``windows_per_epoch`` when stride is seq_len)."""
+        return (self.n_tokens - 1 - self.seq_len) // stride + 1
+
     def window_ids(self, k: np.ndarray, seed: int) -> np.ndarray:
         """Window ids of the source's k-th windows in its seeded order (any epochs)."""
         epochs, offsets = np.divmod(np.asarray(k, dtype=np.int64), self.windows_per_epoch)
@@ -108,8 +113,12 @@ class WindowSource:
 
     def read(self, w: int, out: np.ndarray) -> None:
         """Copy the seq_len + 1 tokens of window `w` into `out`, across shards if need be."""
-        start = w * self.seq_len
-        stop = start + self.seq_len + 1
+        self.read_at(w * self.seq_len, out)
+
+    def read_at(self, start: int, out: np.ndarray) -> None:
+        """Copy the len(out) tokens from stream offset `start` into `out` (sliding-window
+        validation reads windows that start anywhere)."""
+        stop = start + len(out)
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         done = 0
         while start < stop:
@@ -129,13 +138,16 @@ class WindowSource:
         """(n, length) document index of each of the first `length` tokens of `windows` (default
         seq_len: the input tokens; up to seq_len + 1, the whole window), counted from 0 at each
         window's first token: the token after a document's end (its EOS) starts the next one."""
+        return self.document_ids_at(np.asarray(windows, dtype=np.int64) * self.seq_len, length)
+
+    def document_ids_at(self, starts: np.ndarray, length: int | None = None) -> np.ndarray:
+        """`document_ids` of the windows that begin at stream offsets `starts`."""
         length = self.seq_len if length is None else length
         if not 0 < length <= self.seq_len + 1:
             raise ValueError(f"a window has {self.seq_len + 1} tokens; asked for {length}")
-        windows = np.asarray(windows, dtype=np.int64)
-        starts_new = np.zeros((len(windows), length), dtype=np.int64)
-        for row, w in enumerate(windows):
-            start = int(w) * self.seq_len
+        starts = np.asarray(starts, dtype=np.int64)
+        starts_new = np.zeros((len(starts), length), dtype=np.int64)
+        for row, start in enumerate(starts.tolist()):
             # An end offset e in (start, start + length) makes token e - start a start.
             ends = self.doc_ends_between(start, start + length - 1)
             starts_new[row, ends - start] = 1

@@ -54,6 +54,7 @@ __all__ = [
     "infill",
     "infill_exact_match",
     "prefill",
+    "read_chats",
     "read_prompts",
     "sample_logits",
     "time_batch_sizes",
@@ -355,6 +356,41 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
         records.append(record)
     if not records:
         raise DataError(f"prompts file {path} holds no prompt; write one prompt per line")
+    return records
+
+
+def read_chats(path: str | Path) -> list[dict[str, Any]]:
+    """The conversations of a file, as records with a "messages" list to answer: a `.jsonl`
+    file holds one JSON object with "messages" (``[{"role": "system"|"user"|"assistant",
+    "content": "..."}, ...]``, other fields are kept) per line; any other file one user message
+    per line. Blank lines are skipped. DataError naming the line when one is malformed."""
+    from pretrain.data.sft import ROLES
+
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return [{"messages": [{"role": "user", "content": r["prompt"]}]}
+                for r in read_prompts(path)]
+    if not path.is_file():
+        raise DataError(f"chat file {path} does not exist; give a text file with one user "
+                        "message per line, or a .jsonl file with a \"messages\" list per line")
+    records: list[dict[str, Any]] = []
+    fix = ('write one object per line: {"messages": [{"role": "user", "content": "..."}]}, '
+           f"roles {', '.join(ROLES)}")
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n} is not JSON ({e.msg}); {fix}") from None
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ROLES
+                and isinstance(m.get("content"), str) for m in messages):
+            raise DataError(f"{path}:{n} has no valid \"messages\" list; {fix}")
+        records.append(record)
+    if not records:
+        raise DataError(f"chat file {path} holds no conversation; {fix}")
     return records
 
 

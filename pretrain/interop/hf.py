@@ -870,8 +870,9 @@ def export_hf(
     class (`hf_class`: config.json, generation_config.json for the generating ones,
     safetensors weights in `dtype`) and, given a tokenizer, one that
     `AutoTokenizer.from_pretrained(out_dir)` loads (a SentencePiece model converted, or a
-    transformers tokenizer given as 'hf:DIR' copied as it is, its special ids in the config).
-    Checks everything before writing anything. Returns out_dir."""
+    transformers tokenizer given as 'hf:DIR' copied as it is, its special ids in the config;
+    a decoder's generation config then stops at its chat template's end-of-turn ids too, see
+    `_generation_config`). Checks everything before writing anything. Returns out_dir."""
     import transformers
 
     if not dtype.is_floating_point:
@@ -896,6 +897,8 @@ def export_hf(
         model = getattr(transformers, cls)(hf_cfg).to(dtype)
     model.load_state_dict(hf_state, strict=True, assign=True)
     _retie(model, cfg)
+    if hf_tok is not None and cls == _LLAMA:
+        model.generation_config = _generation_config(model.generation_config, hf_tok)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -914,6 +917,26 @@ def export_hf(
         save_hf_tokenizer(tokenizer_path, out, model_max_length=cfg.max_seq_len, arch=cfg.arch,
                           token_types=cls == _BERT)
     return out
+
+
+def _generation_config(own: Any, hf_tok: HFTokenizer) -> Any:
+    """The generation config of a decoder with a transformers tokenizer: the base's own
+    generation_config.json where the tokenizer's directory holds one (a run from an HF
+    init_from reads its tokenizer there: sampling defaults, eos lists carry over), else `own`;
+    its eos_token_id lists EOS and the chat template's end-of-turn ids, so that `generate`
+    stops where a fine-tuned answer ends."""
+    from transformers import GenerationConfig
+
+    from pretrain.data.sft import chat_template
+
+    config = own
+    if (Path(hf_tok.directory) / "generation_config.json").is_file():
+        config = GenerationConfig.from_pretrained(hf_tok.directory, local_files_only=True)
+    eos = config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    ids = list(dict.fromkeys([*ids, *chat_template(hf_tok).stop_ids()]))
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    return config
 
 
 def _update_config(out: Path, **fields: Any) -> None:

@@ -77,15 +77,22 @@ def to_bf16(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_model(model: nn.Module, scheme: str, group_size: int) -> list[str]:
+def quantize_model(model: nn.Module, scheme: str, group_size: int, *,
+                   include_output: bool = False) -> list[str]:
     """Quantize a plain model's eligible linears in place (bf16 first); returns their names.
-    The linears are those QAT and fp8 swap (`pretrain.quant.training.linear_filter`)."""
+    The linears are those QAT and fp8 swap (`pretrain.quant.training.linear_filter`), and the
+    output projection with `include_output`."""
     check_scheme(scheme, group_size)
+    out, emb = getattr(model, "output", None), getattr(model, "tok_embeddings", None)
+    if include_output and out is not None and emb is not None and out.weight is emb.weight:
+        # a quantized output would untie (and change) the embedding it shares
+        raise ConfigError("--include-output with tied embeddings (model.tie_embeddings=true); "
+                          "drop --include-output for this model")
     to_bf16(model)
     if scheme == "bf16":
         return []
     device = next(model.parameters()).device
-    keep = linear_filter(1 if scheme == "int8_weight_only" else group_size)
+    keep = linear_filter(1 if scheme == "int8_weight_only" else group_size, include_output)
     names = [n for n, m in model.named_modules() if keep(m, n)]
     torchao().quantization.quantize_(model, ptq_config(scheme, group_size, device),
                                      filter_fn=keep)

@@ -39,9 +39,11 @@ from pretrain.train.module import model_loss
 
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, *, scheme: str,
-                        group_size: int = 32) -> tuple[nn.Module, dict[str, Any]]:
-    """Read a run's checkpoint (run dir, checkpoints/ or one step), quantize, write `out`;
-    returns the quantized model and the directory's metadata."""
+                        group_size: int = 32,
+                        include_output: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Read a run's checkpoint (run dir, checkpoints/ or one step), quantize (the output
+    projection too with `include_output`), write `out`; returns the quantized model and the
+    directory's metadata."""
     check_scheme(scheme, group_size)  # before any file is read
     ckpt = resolve_checkpoint(checkpoint)
     model, state = load_model_from_checkpoint(ckpt)
@@ -49,9 +51,9 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, *, scheme: str,
     if arch != "decoder":
         raise ConfigError(f"checkpoint {ckpt} is a model.arch={arch}; pretrain-quantize "
                           "quantizes decoders")
-    names = quantize_model(model, scheme, group_size)
-    meta = {"scheme": scheme, "group_size": group_size, "quantized": names,
-            "source": str(ckpt), "trainer_state": state}
+    names = quantize_model(model, scheme, group_size, include_output=include_output)
+    meta = {"scheme": scheme, "group_size": group_size, "include_output": include_output,
+            "quantized": names, "source": str(ckpt), "trainer_state": state}
     write_quantized(model, Path(out), meta)
     return model, meta
 

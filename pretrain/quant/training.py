@@ -2,9 +2,11 @@
 meta device or materialized) before `parallelize`, by the train module's build.
 
 Which linears: every `nn.Linear` of the blocks whose in and out features divide by the scheme's
-multiple (16 for fp8's matmul kernels, the group size for int4 groups), never `output`: as in
-torchtitan, the output projection stays in high precision (it feeds the softmax directly, and
-the chunked loss multiplies by `output.weight` itself, which a swapped module would not see).
+multiple (16 for fp8's matmul kernels, the group size for int4 groups). By default not `output`:
+as in torchtitan, the output projection stays in high precision (it feeds the softmax directly,
+and the chunked loss multiplies by `output.weight` itself, which a swapped module would not
+see). `quant.include_output` (QAT, with loss=full) and `--include-output` (PTQ) quantize it
+too, as torchao's Llama QAT recipes measure (int4 output projection).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ FP8_MULTIPLE = 16
 SKIPPED = ("output",)
 
 
-def linear_filter(multiple: int):  # noqa: ANN201 (torchao's filter signature)
+def linear_filter(multiple: int, include_output: bool = False):  # noqa: ANN201 (torchao's)
     """torchao's module filter: (module, fully qualified name) -> swap it or not."""
+    skipped = () if include_output else SKIPPED
+
     def keep(module: nn.Module, fqn: str) -> bool:
-        return (isinstance(module, nn.Linear) and fqn.rsplit(".", 1)[-1] not in SKIPPED
+        return (isinstance(module, nn.Linear) and fqn.rsplit(".", 1)[-1] not in skipped
                 and module.in_features % multiple == 0 and module.out_features % multiple == 0)
     return keep
 
@@ -90,7 +94,7 @@ def prepare_qat(model: nn.Module, quant: QuantConfig) -> list[str]:
     change, so checkpoints load into the plain model."""
     ao = torchao()
     base = qat_base_config(quant.qat or "", quant.group_size)
-    keep = linear_filter(quant.group_size)
+    keep = linear_filter(quant.group_size, quant.include_output)
     names = [n for n, m in model.named_modules() if keep(m, n)]
     ao.quantization.quantize_(model, ao.quantization.qat.QATConfig(base, step="prepare"),
                               filter_fn=keep)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,9 @@ class RunResult:
     """Model preset name."""
     seq_len: int | None = None
     """Training sequence length."""
+    final_eval: dict[str, float] = field(default_factory=dict)
+    """The last evaluation's numeric metrics (`val/loss`, `eval/<task>/acc_norm`, ...), for
+    fits of downstream metrics (`pretrain.scaling.downstream`); non-finite ones as NaN."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,16 @@ def _to_result(data: dict[str, Any], run_dir: Path, use_all_params: bool) -> Run
         budget=_as_float(sweep.get("budget")),
         model=data.get("model"),
         seq_len=int(seq_len) if isinstance(seq_len, (int, float)) else None,
+        final_eval=_numbers(data.get("final_eval")),
     )
+
+
+def _numbers(metrics: Any) -> dict[str, float]:
+    """The entries of a summary's `final_eval` that read as numbers ("nan" included)."""
+    if not isinstance(metrics, dict):
+        return {}
+    return {str(k): v for k, v in ((k, _as_float(x)) for k, x in metrics.items())
+            if v is not None}
 
 
 def _as_float(value: Any) -> float | None:

@@ -5,7 +5,9 @@
 (b) `plot_optimal_allocation`: N_opt and D_opt vs C, log-log, with both approaches' power laws
     (Figure 3 centre/right);
 (c) `plot_loss_contours`: contours of the fitted L(N, D) with IsoFLOP lines and the efficient
-    frontier (Figure 4).
+    frontier (Figure 4);
+(d) `plot_downstream`: a downstream metric vs loss with its sigmoid link, and vs compute through
+    the compute-optimal loss (Dubey et al. 2024, "The Llama 3 Herd of Models", Figure 4).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from pretrain.scaling.collect import RunResult
+from pretrain.scaling.downstream import DownstreamFit, DownstreamPrediction
 from pretrain.scaling.fit import IsoFlopFit, ParametricFit, group_by_budget
 
 _DPI = 120
@@ -122,6 +125,42 @@ def plot_loss_contours(
     ax.set(xscale="log", yscale="log", xlim=(n[0], n[-1]), ylim=(d[0], d[-1]),
            xlabel="parameters N", ylabel="tokens D", title="L(N, D) (Approach 3)")
     ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_downstream(
+    fit: DownstreamFit, parametric: ParametricFit | None, path: Path,
+    prediction: DownstreamPrediction | None = None,
+) -> Path:
+    """Left: the metric vs loss, each run and the fitted sigmoid. Right: the metric vs C, each
+    run and metric(L_opt(C)) along the compute-optimal frontier, the prediction starred."""
+    fig, (left, right) = _new_figure(2)
+    loss = np.array([p.loss for p in fit.points])
+    value = np.array([p.value for p in fit.points])
+    flops = np.array([p.flops for p in fit.points])
+    lo_x, hi_x = loss.min(), loss.max()
+    if prediction is not None:
+        lo_x = min(lo_x, prediction.loss)
+    pad = 0.1 * max(hi_x - lo_x, 1e-3)
+    grid = np.linspace(lo_x - pad, hi_x + pad, 200)
+    left.scatter(loss, value, s=14, color="C0", label="runs")
+    left.plot(grid, fit.predict(grid), color="C1",
+              label=f"sigmoid: lo {fit.lo:.3g}, hi {fit.hi:.3g}, k {fit.k:.3g}, L0 {fit.l0:.3g}")
+    left.set(xlabel="validation loss", ylabel=fit.metric, title="loss -> metric")
+    right.scatter(flops, value, s=14, color="C0", label="runs")
+    if parametric is not None:
+        top = max(flops.max(), prediction.budget_flops if prediction else 0.0)
+        c = np.geomspace(flops.min() / 2, top * 2, 100)
+        frontier = parametric.predict(*parametric.optimal(c))
+        right.plot(c, fit.predict(frontier), color="C1", label="via L(N_opt(C), D_opt(C))")
+    if prediction is not None:
+        for ax, x in ((left, prediction.loss), (right, prediction.budget_flops)):
+            ax.plot(x, prediction.value, marker="*", ms=12, color="red", ls="none",
+                    label=f"C={prediction.budget_flops:.3g}: {prediction.value:.4f}")
+    right.set(xscale="log", xlabel="training FLOPs C", ylabel=fit.metric,
+              title="compute -> metric")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.errors import NonFiniteError
 
 if TYPE_CHECKING:
@@ -172,7 +174,7 @@ class Evaluation(Callback):
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    metrics = run.module.evaluate(run.val_loader.eval_windows(run.cfg.eval_windows), run.scorer)
+    metrics = run.module.evaluate(validation_batches(run), run.scorer)
     metrics |= run.extra_eval()
     run.counters.evals += 1
     run.counters.last_eval = dict(metrics)
@@ -242,6 +244,17 @@ def evaluate_downstream(run: Run, items: dict[str, Any]) -> dict[str, float]:
     for s in run.sinks:
         s.on_eval(run.counters.step, metrics)
     return metrics
+
+
+def validation_batches(run: Run) -> Iterator[Batch]:
+    """The fixed validation set: with a mixture, one source per batch (so `evaluate` reports
+    each source's loss); with `eval.stride`, sliding windows (`ShardedWindowLoader.eval_windows`).
+    sft's packed conversations are one source, and validate() refuses eval.stride there."""
+    loader = run.val_loader
+    if not isinstance(loader, ShardedWindowLoader):
+        return loader.eval_windows(run.cfg.eval_windows)
+    return loader.eval_windows(run.cfg.eval_windows, stride=run.cfg.eval.stride,
+                               by_source=len(loader.sources) > 1)
 
 
 class Checkpointing(Callback):

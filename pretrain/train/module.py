@@ -296,7 +296,9 @@ class TrainModule:
     def evaluate(self, batches: Iterable[Batch], scorer: Scorer | None = None) -> dict[str, float]:
         """Token-weighted mean loss over every rank's batches (padding rows carry IGNORE_INDEX
         targets), so a fixed global set of windows gives the same loss on any layout; with a
-        `scorer`, also the objective's metrics (from the full logits), summed the same way."""
+        `scorer`, also the objective's metrics (from the full logits), summed the same way.
+        Batches that name their `source` also count toward `val/loss/<source>` (and ppl);
+        `val/loss` stays the mean over all of them."""
         names: list[str] = []
         sums: list[Tensor] = []
         for part in self.parts:
@@ -319,18 +321,23 @@ class TrainModule:
                         for name, targets in (scorer.loss_targets(batch) if scorer else {}).items():
                             part_sum, part_count = self._eval_sum(replace(batch, targets=targets))
                             pairs[name] = (part_sum.double(), part_count.double())
-                    if not names:
-                        names = list(pairs)
-                        sums = [torch.zeros(2, dtype=torch.float64, device=self.device)
-                                for _ in names]
-                    for i, name in enumerate(names):
-                        sums[i] += torch.stack(pairs[name])
+                    if batch.source is not None:  # validation by source: batches of one
+                        pairs[f"val/loss/{batch.source}"] = pairs["val/loss"]
+                    for name, pair in pairs.items():
+                        # Every rank reads the same sources in the same order, so the names
+                        # (and the sums reduced below) line up across ranks.
+                        if name not in names:
+                            names.append(name)
+                            sums.append(torch.zeros(2, dtype=torch.float64, device=self.device))
+                        sums[names.index(name)] += torch.stack(pair)
         finally:
             for part in self.parts:
                 part.train()
         total = self.dp_sum(torch.stack(sums)).tolist()  # (metrics, 2)
         out = {name: num / max(den, 1.0) for name, (num, den) in zip(names, total)}
         out["val/ppl"] = math.exp(min(out["val/loss"], 50.0))
+        for name in [n for n in names if n.startswith("val/loss/")]:
+            out[f"val/ppl/{name.removeprefix('val/loss/')}"] = math.exp(min(out[name], 50.0))
         return out
 
     # -- state

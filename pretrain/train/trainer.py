@@ -30,7 +30,7 @@ from pretrain.config import TrainConfig
 from pretrain.data.build import PreparedData, build_loader, ensure_data, known_tokenizer
 from pretrain.data.loader import Batch, ShardedWindowLoader
 from pretrain.data.objectives import Objective, Span, build_objective, infill_split, window_keys
-from pretrain.data.sft import SftLoader, build_sft_loaders, ensure_sft_tokenizer
+from pretrain.data.sft import SftLoader, build_sft_loaders, chat_template, ensure_sft_tokenizer
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import NonFiniteError
 from pretrain.eval.generate import InfillDoc, generate, infill_exact_match
@@ -468,11 +468,16 @@ def samples(run: Run) -> list[dict[str, str]]:
         return []  # encoders and encoder-decoders: `pretrain-generate` fills masks / spans
     out = []
     gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
+    # objective=sft: each prompt is a user message, rendered and stopped as the data was.
+    template = chat_template(run.tokenizer) if run.cfg.objective.name == "sft" else None
+    stop_ids = template.stop_ids() if template is not None else []
     with torch.compiler.set_stance("force_eager"):
         for prompt in run.cfg.sample_prompts:
-            ids = run.tokenizer.encode(prompt, bos=True)
+            ids = (run.tokenizer.encode(prompt, bos=True) if template is None
+                   else template.prompt([{"role": "user", "content": prompt}]))
             new = generate(model, ids, max_new_tokens=run.cfg.sample_tokens, temperature=0.8,
-                           top_k=50, eos_id=run.tokenizer.eos_id, generator=gen)
+                           top_k=50, eos_id=run.tokenizer.eos_id, stop_ids=stop_ids,
+                           generator=gen)
             out.append({"prompt": prompt, "completion": run.tokenizer.decode(new)})
     return out
 
@@ -576,9 +581,10 @@ def write_qat_model(run: Run) -> None:
     model, state = load_model_from_checkpoint(source)
     if not run.env.is_main:
         return
-    names = quantize_model(model, q.qat, q.group_size)
+    names = quantize_model(model, q.qat, q.group_size, include_output=q.include_output)
     out = write_quantized(model, run.run_dir / "quantized",
                           {"scheme": q.qat, "group_size": q.group_size, "quantized": names,
+                           "include_output": q.include_output,
                            "source": str(source), "trainer_state": state, "qat": True})
     run.sinks[0].on_text(f"quantized model ({q.qat}, {len(names)} linears) in {out}")
 

@@ -121,7 +121,8 @@ def test_consolidate_and_export_a_zero_run(stage: int, ds_run: Callable[[int], P
         # 3 AdamW steps at lr <= 3e-3 move a weight by at most ~1e-2; another init by ~0.1.
         assert 1e-4 < moved < 0.03, (k, moved)
 
-    run_tool(cache_dir, "pretrain-export-hf", str(run_dir), str(tmp_path / "hf"))
+    proc = run_tool(cache_dir, "pretrain-export-hf", str(run_dir), str(tmp_path / "hf"))
+    assert "verified: transformers' logits match ours to " in proc.stdout, proc.stdout
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf",
                                                        attn_implementation="eager")
     hf.eval()

@@ -103,8 +103,9 @@ def test_merged_export_matches_our_logits(runs: Path, cache_dir: Path, tmp_path:
 
     assert export_main([str(runs / "lora"), str(tmp_path / "x")]) == 2
     assert "holds LoRA adapters, not a whole model; pass --merge-lora" in capsys.readouterr().err
-    run_tool(cache_dir, "pretrain-export-hf", str(runs / "lora"), str(tmp_path / "merged"),
-             "--merge-lora")
+    proc = run_tool(cache_dir, "pretrain-export-hf", str(runs / "lora"), str(tmp_path / "merged"),
+                    "--merge-lora")
+    assert "verified: transformers' logits match ours to " in proc.stdout, proc.stdout
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged",
                                                        attn_implementation="eager").eval()
     ours, _ = load_lora_model(runs / "lora")
@@ -124,8 +125,9 @@ def test_peft_adapter_loads_onto_the_transformers_base(runs: Path, cache_dir: Pa
     from peft import PeftModel
 
     base_dir = runs / "base_hf"
-    run_tool(cache_dir, "pretrain-export-hf", str(runs / "lora"), str(tmp_path / "adapter"),
-             "--adapter", "--base-name", str(base_dir))
+    proc = run_tool(cache_dir, "pretrain-export-hf", str(runs / "lora"),
+                    str(tmp_path / "adapter"), "--adapter", "--base-name", str(base_dir))
+    assert "verified: transformers' logits match ours to " in proc.stdout, proc.stdout
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16
     assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
@@ -136,3 +138,34 @@ def test_peft_adapter_loads_onto_the_transformers_base(runs: Path, cache_dir: Pa
     x = _tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).logits, ours(x), rtol=0, atol=1e-4)
+
+
+def test_corrupted_lora_exports_fail_their_check(runs: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check of both LoRA exports can fail: an adapter written with twice peft's scale
+    (lora_alpha), a merged model with one matrix transposed. Exit 1, one error line, the
+    directory renamed `.unverified`."""
+    import dataclasses
+
+    import pretrain.interop.hf as hf_module
+    import tools.export_hf as tool
+
+    real_adapter, real_rename = tool.export_peft_adapter, hf_module.to_hf_state_dict
+    monkeypatch.setattr(tool, "export_peft_adapter", lambda adapters, cfg, lora, out, **kw:
+                        real_adapter(adapters, cfg, dataclasses.replace(lora, alpha=2 * lora.alpha),
+                                     out, **kw))
+
+    def transposed(state_dict: dict, cfg: ModelConfig) -> dict:
+        out = real_rename(state_dict, cfg)
+        key = "model.layers.0.self_attn.o_proj.weight"  # square: dim x dim
+        return out | {key: out[key].t().contiguous()}
+
+    monkeypatch.setattr(hf_module, "to_hf_state_dict", transposed)
+    for flag, name in (("--adapter", "adapter"), ("--merge-lora", "merged")):
+        assert export_main([str(runs / "lora"), str(tmp_path / name), flag]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: export check failed: "), lines
+        assert "logits differ from ours by" in lines[0] and "tolerance" in lines[0], lines
+        assert not (tmp_path / name).exists()
+        assert (tmp_path / f"{name}.unverified" / "NOT_VERIFIED.txt").is_file()

@@ -48,13 +48,17 @@ def test_qat_run_writes_a_model_that_generates(cache_dir: Path, qat_run: Path) -
     assert math.isclose(loss, summary["final_val_loss"], rel_tol=0.01), (loss, summary)
 
 
-@pytest.mark.parametrize("scheme", ["int8_weight_only", "int4_weight_only"])
+# int4 with --include-output: the output projection too (15 linears).
+@pytest.mark.parametrize(("scheme", "extra"), [("int8_weight_only", ()),
+                                               ("int4_weight_only", ("--include-output",))])
 def test_ptq_writes_evaluates_and_generates(cache_dir: Path, qat_run: Path, tmp_path: Path,
-                                            scheme: str) -> None:
+                                            scheme: str, extra: tuple[str, ...]) -> None:
     out = tmp_path / scheme
     proc = run(cache_dir, "pretrain-quantize", str(qat_run), "--scheme", scheme,
-               "--out", str(out), "--eval")
-    assert f"wrote {out} ({scheme}, 14 linears quantized" in proc.stdout, proc.stderr
+               "--out", str(out), "--eval", *extra)
+    n = 14 + len(extra)
+    assert f"wrote {out} ({scheme}, {n} linears quantized" in proc.stdout, proc.stderr
+    assert ("output" in json.loads((out / "quant.json").read_text())["quantized"]) == bool(extra)
     assert math.isfinite(val_loss(proc))
     assert (out / "model.pt").is_file() and not out.with_name(scheme + ".tmp").exists()
     proc = run(cache_dir, "pretrain-generate", str(out), "--prompt", "def ",

@@ -119,7 +119,8 @@ def test_export_loads_in_transformers_with_our_logits_and_the_chat_template(
     from pretrain.train.consolidate import load_model_from_checkpoint
 
     exported = run["root"] / "exported"
-    _run(cache_dir, run["root"], "pretrain-export-hf", str(run["run_dir"]), str(exported))
+    proc = _run(cache_dir, run["root"], "pretrain-export-hf", str(run["run_dir"]), str(exported))
+    assert "verified: transformers' logits match ours to " in proc.stdout, proc.stdout
     hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(exported)
     assert hf_tok.chat_template == CHATML_BOS

@@ -123,6 +123,7 @@ def test_export_consolidate_and_generate_tools(tiny_run: Path, tmp_path: Path,
 
     assert consolidate_main([str(tiny_run), str(tmp_path / "model.pt")]) == 0
     assert export_main([str(tmp_path / "model.pt"), str(tmp_path / "hf")]) == 0
+    assert "verified: transformers' logits match ours to " in capsys.readouterr().out
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     model, state = load_model_from_checkpoint(tiny_run)

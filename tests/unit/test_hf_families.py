@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -388,9 +389,16 @@ def test_exported_tokenizer_encodes_like_ours(arch: str, spm_path: str, tmp_path
 CONF_MODEL = Path(__file__).parents[2] / "conf" / "model"
 
 
+def verified_figure(out: str) -> str:
+    """The largest logit difference `pretrain-export-hf` printed when it checked itself."""
+    found = re.search(r"verified: transformers' logits match ours to (\S+) ", out)
+    assert found, out
+    return found[1]
+
+
 @pytest.mark.parametrize("name", ["bert", "cpu_encoder", "v1_1_untied_gated"])
-def test_export_command_writes_a_loadable_model(name: str, spm_path: str,
-                                                tmp_path: Path) -> None:
+def test_export_command_writes_a_loadable_model(name: str, spm_path: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
     """`pretrain-export-hf` on a consolidated checkpoint (what `pretrain-consolidate` writes):
     the class comes from the config saved with the run (cpu_encoder: the preset's ModernBERT
     recipe and size)."""
@@ -402,6 +410,8 @@ def test_export_command_writes_a_loadable_model(name: str, spm_path: str,
              "tokenizer_path": spm_path}
     torch.save({"model": ours.state_dict(), "state": state}, tmp_path / "model.pt")
     assert export_main([str(tmp_path / "model.pt"), str(tmp_path / "hf")]) == 0
+    # the command checked itself (the figure it prints) before it reported success
+    assert float(verified_figure(capsys.readouterr().out)) <= 1e-4
     hf_class = transformers.AutoModelForMaskedLM if cfg.arch == "encoder" else \
         transformers.AutoModelForSeq2SeqLM
     hf = hf_class.from_pretrained(tmp_path / "hf").eval()
