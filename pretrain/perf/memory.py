@@ -28,7 +28,14 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import LoraConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from pretrain.config import (
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    QuantConfig,
+    TrainConfig,
+)
 from pretrain.data.loader import Batch
 from pretrain.parallel.dims import ParallelDims
 from pretrain.train.host import trim_heap
@@ -95,8 +102,10 @@ def measure_cpu_peak_in_subprocess(cfg: TrainConfig, *, steps: int = 2,
 def _measure_json(payload: dict) -> int:
     """`_measure` of the sub-configs `measure_cpu_peak_in_subprocess` sent as JSON."""
     s = payload["settings"]
-    lora = LoraConfig(**s["lora"]) if s.get("lora") else None  # asdict made it a dict
-    settings = StepSettings(**{**s, "sdpa_backends": tuple(s["sdpa_backends"]), "lora": lora})
+    # asdict made the nested configs dicts
+    lora = LoraConfig(**s["lora"]) if s.get("lora") else None
+    settings = StepSettings(**{**s, "sdpa_backends": tuple(s["sdpa_backends"]), "lora": lora,
+                               "quant": QuantConfig(**s["quant"])})
     return _measure(ModelConfig(**payload["model"]), OptimConfig(**payload["optim"]),
                     ParallelConfig(**payload["parallel"]), settings,
                     seq_len=payload["seq_len"], steps=payload["steps"])
