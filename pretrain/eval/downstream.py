@@ -9,6 +9,10 @@ harness's `pretrain` model type (one implementation, so their numbers agree).
                                               is the greedy continuation) per pair; batched,
                                               right-padded, longest first; a context that does
                                               not fit the window loses tokens on the left
+    shared_loglikelihoods(forward, groups, ...)
+                                              the same for the choices after one context,
+                                              the context run once: one packed row per item,
+                                              choices masked from each other (in-loop path)
     evaluate_tasks(forward, tok, items, ...)  metrics per task: acc and acc_norm (multiple
                                               choice: argmax of the summed log-probs, and of
                                               them divided by each choice's character length),
