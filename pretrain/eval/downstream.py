@@ -9,6 +9,10 @@ harness's `pretrain` model type (one implementation, so their numbers agree).
                                               is the greedy continuation) per pair; batched,
                                               right-padded, longest first; a context that does
                                               not fit the window loses tokens on the left
+    shared_loglikelihoods(forward, groups, ...)
+                                              the same for the choices after one context,
+                                              the context run once: one packed row per item,
+                                              choices masked from each other (in-loop path)
     evaluate_tasks(forward, tok, items, ...)  metrics per task: acc and acc_norm (multiple
                                               choice: argmax of the summed log-probs, and of
                                               them divided by each choice's character length),
@@ -38,9 +42,11 @@ from pretrain.errors import ConfigError
 from pretrain.eval.tasks import TASKS, Item
 
 __all__ = ["Collectives", "Scored", "encode_pair", "evaluate_tasks", "load_for_eval",
-           "loglikelihoods", "prefix_id", "task_metrics"]
+           "loglikelihoods", "prefix_id", "shared_loglikelihoods", "task_metrics"]
 
-Forward = Callable[[Tensor], Tensor]
+Forward = Callable[..., Tensor]
+"""tokens (B, T) -> logits (B, T, vocab); for `shared_loglikelihoods` also the keywords
+`positions` and `attn_mask`, as `Transformer.forward` takes them."""
 Pair = tuple[list[int], list[int]]
 
 
@@ -129,6 +135,90 @@ def loglikelihoods(forward: Forward, pairs: Sequence[Pair], *, max_len: int, bat
     return out  # type: ignore[return-value]
 
 
+def _shared(pairs: Sequence[Pair], max_len: int) -> bool:
+    """Whether an item's requests can be scored as one packed row: two or more choices after
+    the same context, each of which fits the window whole (else the per-pair path cuts it)."""
+    return (len(pairs) > 1 and all(p[0] == pairs[0][0] for p in pairs)
+            and all(0 < len(p[1]) and len(p[0]) + len(p[1]) - 1 <= max_len for p in pairs))
+
+
+def _packed_row(pairs: Sequence[Pair]) -> tuple[list[int], list[int], list[int]]:
+    """(tokens, rotary positions, segment ids) of one row holding a shared context once and,
+    after it, each continuation less its last token: segment 0 is the context, segment j the
+    j-th continuation, whose positions restart after the context. Masked so that segment j
+    sees only the context and itself, each continuation is scored exactly as in its own
+    (context + continuation) row; the context's last logit predicts every first token."""
+    ctx = pairs[0][0]
+    tokens, positions, segments = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+    for j, (_, cont) in enumerate(pairs, start=1):
+        tokens += cont[:-1]
+        positions += range(len(ctx), len(ctx) + len(cont) - 1)
+        segments += [j] * (len(cont) - 1)
+    return tokens, positions, segments
+
+
+def _group_batches(groups: Sequence[Sequence[Pair]], batch_size: int) -> list[list[int]]:
+    """Indices of the groups in each forward pass: longest packed row first, as many rows as
+    keep the requests within `batch_size` (at least one row)."""
+    def length(g: Sequence[Pair]) -> int:
+        return len(g[0][0]) + sum(len(cont) - 1 for _, cont in g)
+
+    order = sorted(range(len(groups)), key=lambda i: -length(groups[i]))
+    batches: list[list[int]] = []
+    n_req = 0
+    for i in order:
+        if not batches or n_req + len(groups[i]) > batch_size:
+            batches.append([])
+            n_req = 0
+        batches[-1].append(i)
+        n_req += len(groups[i])
+    return batches
+
+
+@torch.no_grad()
+def shared_loglikelihoods(forward: Forward, groups: Sequence[Sequence[Pair]], *,
+                          batch_size: int, pad_id: int = 0,
+                          device: torch.device | str = "cpu") -> list[list[Scored]]:
+    """Per group (the requests of one item that share their context, see `_shared`), each
+    continuation's log-likelihood, the context run once for all of them: one packed row per
+    group, batches of about `batch_size` requests, longest rows first. `forward` takes
+    `positions` (B, T) and `attn_mask` (B, 1, T, T) bool keywords (`Transformer.forward`'s).
+    Equals `loglikelihoods` on the pairs up to float rounding."""
+    rows = [_packed_row(g) for g in groups]
+    out: list[list[Scored]] = [[] for _ in groups]
+    for batch in _group_batches(groups, batch_size):
+        width = len(rows[batch[0]][0])
+        tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        segments = torch.full((len(batch), width), -1, dtype=torch.long)  # -1: padding
+        for r, i in enumerate(batch):
+            ids, pos, seg = rows[i]
+            tokens[r, :len(ids)] = torch.tensor(ids)
+            positions[r, :len(ids)] = torch.tensor(pos)
+            segments[r, :len(ids)] = torch.tensor(seg)
+        # causal, and a key is the context's or the query's own segment; a padding query sees
+        # the padding before it (never an empty row: softmax over nothing is NaN)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+        mask = causal & ((seg_k == 0) | (seg_q == seg_k))
+        mask |= torch.eye(width, dtype=torch.bool)
+        logits = forward(tokens.to(device), positions=positions.to(device),
+                         attn_mask=mask[:, None].to(device))
+        for r, i in enumerate(batch):
+            ctx_len, at = len(groups[i][0][0]), len(groups[i][0][0])
+            for _, cont in groups[i]:
+                # the context's last position, then this continuation's own positions
+                idx = torch.tensor([ctx_len - 1, *range(at, at + len(cont) - 1)],
+                                   device=logits.device)
+                at += len(cont) - 1
+                lp = F.log_softmax(logits[r, idx].float(), dim=-1)
+                target = torch.tensor(cont, device=logits.device)
+                loglik = lp.gather(-1, target[:, None]).sum()
+                greedy = bool((lp.argmax(-1) == target).all())
+                out[i].append(Scored(float(loglik.double()), greedy))
+    return out
+
+
 def _mc_sums(item: Item, scored: list[Scored]) -> tuple[float, float]:
     lls = [s.loglik for s in scored]
     lengths = [float(len(c)) for c in item.choices]
@@ -162,22 +252,32 @@ def task_metrics(name: str, sums: Sequence[float]) -> dict[str, tuple[float, flo
 
 def evaluate_tasks(forward: Forward, tok: Tokenizer, tasks: dict[str, list[Item]], *,
                    max_len: int, batch_size: int, device: torch.device | str = "cpu",
-                   collectives: Collectives | None = None
+                   collectives: Collectives | None = None, shared_context: bool = False
                    ) -> dict[str, dict[str, tuple[float, float | None]]]:
     """{task: {metric: (value, stderr)}} over all items (this rank's share under
-    `collectives`, the sums added over the ranks: the same result as one process)."""
+    `collectives`, the sums added over the ranks: the same result as one process).
+    `shared_context`: score the choices that follow one context in one packed row
+    (`shared_loglikelihoods`; `forward` then takes `positions` and `attn_mask`), the other
+    requests pair by pair."""
     rank, world = (collectives.rank, collectives.world) if collectives else (0, 1)
     shares = {name: items[rank::world] for name, items in tasks.items()}
-    pairs: list[Pair] = []
-    for items in shares.values():
-        for item in items:
-            pairs += [encode_pair(tok, c, x) for c, x in item.requests]
-    n_batches = -(-len(pairs) // batch_size)
+    per_item = [[encode_pair(tok, c, x) for c, x in item.requests]
+                for items in shares.values() for item in items]
+    shared = [shared_context and _shared(p, max_len) for p in per_item]
+    groups = [p for p, s in zip(per_item, shared) if s]
+    pairs = [pair for p, s in zip(per_item, shared) if not s for pair in p]
+    n_shared = len(_group_batches(groups, batch_size))
+    n_batches = n_shared + -(-len(pairs) // batch_size)
     if collectives is not None:
         n_batches = collectives.max(n_batches)
-    scored = loglikelihoods(forward, pairs, max_len=max_len, batch_size=batch_size,
-                            pad_id=tok.pad_id if tok.pad_id >= 0 else 0, device=device,
-                            min_batches=n_batches)
+    pad_id = tok.pad_id if tok.pad_id >= 0 else 0
+    grouped = iter(shared_loglikelihoods(forward, groups, batch_size=batch_size, pad_id=pad_id,
+                                         device=device))
+    single = iter(loglikelihoods(forward, pairs, max_len=max_len, batch_size=batch_size,
+                                 pad_id=pad_id, device=device,
+                                 min_batches=n_batches - n_shared))
+    scored = [s for p, sh in zip(per_item, shared)
+              for s in (next(grouped) if sh else [next(single) for _ in p])]
     sums = torch.zeros(len(tasks), 3, dtype=torch.float64)
     at = 0
     for t, (name, items) in enumerate(shares.items()):
@@ -235,8 +335,8 @@ def load_for_eval(path: str | Path, tokenizer: str | None = None
 def model_forward(model: nn.Module) -> Forward:
     """`forward` for a plain decoder."""
 
-    def forward(tokens: Tensor) -> Tensor:
-        return model(tokens)
+    def forward(tokens: Tensor, **kwargs: Tensor) -> Tensor:
+        return model(tokens, **kwargs)
 
     return forward
 

@@ -223,9 +223,9 @@ def evaluate_downstream(run: Run, items: dict[str, Any]) -> dict[str, float]:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return int(t)
 
-    def forward(tokens: Tensor) -> Tensor:
+    def forward(tokens: Tensor, **kwargs: Tensor) -> Tensor:
         with module.autocast():
-            return model(tokens)
+            return model(tokens, **kwargs)
 
     rank = run.mesh["dp"].get_local_rank() if group is not None else 0
     start = time.perf_counter()
@@ -235,7 +235,8 @@ def evaluate_downstream(run: Run, items: dict[str, Any]) -> dict[str, float]:
             results = evaluate_tasks(
                 forward, run.tokenizer, items, max_len=run.cfg.evals.window or run.cfg.seq_len,
                 batch_size=run.cfg.evals.batch_size, device=run.device,
-                collectives=Collectives(rank, dims.dp, module.dp_sum, dp_max))
+                collectives=Collectives(rank, dims.dp, module.dp_sum, dp_max),
+                shared_context=True)
     finally:
         model.train()
     metrics = flat_metrics(results)

@@ -19,6 +19,7 @@ from pretrain.eval.downstream import (
     evaluate_tasks,
     loglikelihoods,
     model_forward,
+    shared_loglikelihoods,
     task_metrics,
 )
 from pretrain.eval.tasks import Item, load_task, parse_tasks
@@ -123,6 +124,69 @@ def test_batched_equals_unbatched(model: torch.nn.Module) -> None:
         assert a.loglik == pytest.approx(b.loglik, abs=1e-6)
         assert a.greedy == b.greedy
     assert len({round(s.loglik, 3) for s in one}) == len(pairs)  # distinct: order is checked
+
+
+def test_shared_context_equals_per_pair(model: torch.nn.Module) -> None:
+    """One packed row per context (continuations masked from each other, positions restarting
+    after the context) gives each pair's own log-likelihood, with contexts and choices of
+    different lengths (a one-token choice too) and padding rows in a batch."""
+    g = torch.Generator().manual_seed(2)
+    groups = []
+    for n_ctx, n_conts in [(5, [3, 1, 6, 2]), (17, [4, 4, 2, 7]), (1, [2, 5]), (11, [1, 1, 9]),
+                           (8, [6, 3, 3, 1])]:
+        ctx = torch.randint(1, 64, (n_ctx,), generator=g).tolist()
+        groups.append([(ctx, torch.randint(1, 64, (n,), generator=g).tolist())
+                       for n in n_conts])
+    pairs = [p for grp in groups for p in grp]
+    direct = loglikelihoods(model_forward(model), pairs, max_len=24, batch_size=1)
+    for batch_size in (1, 6, 64):
+        shared = [s for grp in shared_loglikelihoods(model_forward(model), groups,
+                                                     batch_size=batch_size) for s in grp]
+        for a, b in zip(direct, shared, strict=True):
+            assert b.loglik == pytest.approx(a.loglik, abs=1e-5)
+            assert a.greedy == b.greedy
+    assert len({round(s.loglik, 3) for s in direct}) == len(pairs)  # distinct: order is checked
+    # a greedy continuation is recognized through the shared row: the model's own argmax
+    ctx = groups[0][0][0]
+    with torch.no_grad():
+        best = int(model(torch.tensor([ctx]))[0, -1].argmax())
+    [[s, _]] = shared_loglikelihoods(model_forward(model), [[(ctx, [best]), (ctx, [best, 1])]],
+                                     batch_size=8)
+    assert s.greedy
+
+
+def test_evaluate_tasks_shared_context_equals_per_pair(model: torch.nn.Module) -> None:
+    """Multiple-choice items through the packed path, a context too long for the window and
+    winogrande's per-choice contexts through the per-pair path: the same metrics."""
+    class Tok:  # one token per character (ids 1..63)
+        eos_id, pad_id = 0, 0
+
+        def encode(self, text: str) -> list[int]:
+            return [1 + ord(c) % 63 for c in text]
+
+    g = torch.Generator().manual_seed(3)
+
+    def text(n: int) -> str:
+        return "".join(chr(97 + int(i)) for i in torch.randint(0, 26, (n,), generator=g))
+
+    mc = [Item([(text(n), " " + text(m)) for m in (3, 7, 1, 5)], k % 4, [text(2)] * 4)
+          for k, n in enumerate([4, 9, 15, 30, 6, 12])]
+    mc = [Item([(it.requests[0][0], c) for _, c in it.requests], it.gold,
+               [c for _, c in it.requests]) for it in mc]  # one context per item
+    wino = [Item([(text(5), " " + text(4)), (text(6), " " + text(4))], 1, ["a", "b"])]
+    tasks = {"hellaswag": mc, "winogrande": wino}
+    per_pair = evaluate_tasks(model_forward(model), Tok(), tasks, max_len=24, batch_size=5)
+    calls: list[bool] = []
+
+    def forward(tokens: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        calls.append("attn_mask" in kwargs)
+        return model(tokens, **kwargs)
+
+    shared = evaluate_tasks(forward, Tok(), tasks, max_len=24, batch_size=5, shared_context=True)
+    assert True in calls and False in calls  # both paths ran
+    for task, metrics in per_pair.items():
+        for name, (value, _) in metrics.items():
+            assert shared[task][name][0] == pytest.approx(value, abs=1e-9)
 
 
 def test_encode_pair_moves_trailing_spaces_and_splits_the_whole_text() -> None:
