@@ -83,6 +83,18 @@ def run_train(cache_dir: Path, out: Path, name: str, *overrides: str,
     return proc
 
 
+def run_script(cache_dir: Path, cwd: Path, script: str, *args: str, check: bool = True,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    """An installed console script with `args`, started in `cwd` with the tests' environment;
+    AssertionError with its output when it fails and `check`."""
+    proc = subprocess.run([console_script(script), *args], cwd=cwd, env=train_env(cache_dir),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr}")
+    return proc
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

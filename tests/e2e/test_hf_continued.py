@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import console_script, read_metrics, refusal_line, step_losses, train_env
+from tests.conftest import read_metrics, refusal_line, run_script, step_losses
 from tests.distributed.hf_base import make_llama, make_tokenizer
 
 VOCAB = 320
@@ -37,16 +36,6 @@ def _corpus(path: Path) -> Path:
     return path
 
 
-def _run(cache_dir: Path, cwd: Path, script: str, *args: str,
-         check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([console_script(script), *args], cwd=cwd, env=train_env(cache_dir),
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n"
-                             f"{proc.stderr}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
     root = tmp_path_factory.mktemp("hf-continued")
@@ -56,7 +45,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
     for f in tok.iterdir():  # a transformers directory holds its tokenizer
         (base / f.name).write_bytes(f.read_bytes())
     corpus = _corpus(root / "corpus.jsonl")
-    _run(cache_dir, root, "pretrain-prepare-data", "--source", str(corpus), "--tokenizer",
+    run_script(cache_dir, root, "pretrain-prepare-data", "--source", str(corpus), "--tokenizer",
          f"hf:{tok}", "--out", str(root / "prep"), "--workers", "2", "--val-fraction", "0.1")
     return {"root": root, "tok": tok, "base": base, "corpus": corpus, "prep": root / "prep"}
 
@@ -72,15 +61,16 @@ def test_continued_training_exports_to_transformers(setup: dict, cache_dir: Path
     assert manifest["tokenizer"]["fingerprint"] == Tokenizer.load(f"hf:{setup['tok']}").fingerprint
     common = [f"init_from={setup['base']}", f"data.dir={setup['prep']}", *RUN,
               f"output_root={out}", "run_name=cont", "ckpt_every=3", "eval_every=3"]
-    first = _run(cache_dir, root, "pretrain-train", *common, "steps=3")
+    first = run_script(cache_dir, root, "pretrain-train", *common, "steps=3")
     assert "resumed" not in first.stdout
-    second = _run(cache_dir, root, "pretrain-train", *common, "steps=6")
+    second = run_script(cache_dir, root, "pretrain-train", *common, "steps=6")
     assert "resumed from" in second.stdout and "step_00000003" in second.stdout
     losses = step_losses(out / "cont")
     val = {m["step"]: m["val/loss"] for m in read_metrics(out / "cont") if "val/loss" in m}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and val[6] < val[3]
 
-    proc = _run(cache_dir, root, "pretrain-export-hf", str(out / "cont"), str(root / "exported"))
+    proc = run_script(cache_dir, root, "pretrain-export-hf", str(out / "cont"),
+                      str(root / "exported"))
     assert "verified: transformers' logits match ours to " in proc.stdout, proc.stdout
     hf = AutoModelForCausalLM.from_pretrained(root / "exported").eval()
     hf_tok = AutoTokenizer.from_pretrained(root / "exported")
@@ -102,14 +92,14 @@ def test_continued_training_exports_to_transformers(setup: dict, cache_dir: Path
 def test_refused_starts_are_one_line(setup: dict, cache_dir: Path, tmp_path: Path) -> None:
     out = setup["root"] / "runs"
     args = [f"data.dir={setup['prep']}", *RUN, f"output_root={out}", "steps=1"]
-    line = refusal_line(_run(cache_dir, setup["root"], "pretrain-train",
+    line = refusal_line(run_script(cache_dir, setup["root"], "pretrain-train",
                              f"init_from={setup['base']}", "model.n_layers=3", *args,
                              "run_name=r1", check=False))
     assert "model.n_layers=3 contradicts init_from=" in line and "n_layers=2" in line
     other = tmp_path / "other"
     make_llama(other, VOCAB, seed=5)
     make_tokenizer(other, vocab_size=300)  # its own tokenizer: not the data's
-    line = refusal_line(_run(cache_dir, setup["root"], "pretrain-train",
+    line = refusal_line(run_script(cache_dir, setup["root"], "pretrain-train",
                              f"init_from={other}", *args, "run_name=r3", check=False))
     assert f"is not the one of init_from={other}" in line
     assert not (out / "r1").exists() and not (out / "r3").exists()

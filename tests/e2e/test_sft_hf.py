@@ -9,7 +9,6 @@ are used), the step-1 loss against transformers' assistant-only loss on the same
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.data.sft import synthetic_chats
-from tests.conftest import console_script, step_losses, train_env
+from tests.conftest import run_script, step_losses
 from tests.distributed.hf_base import make_llama
 from tests.unit.test_sft import CHATML_BOS, hf_tokenizer
 
@@ -32,15 +31,6 @@ RUN = [f"seq_len={SEQ}", "global_batch_size=4", f"micro_batch_size={MB}", f"step
        "logging.log_every=1"]
 
 
-def _run(cache_dir: Path, cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([console_script(script), *args], cwd=cwd, env=train_env(cache_dir),
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n"
-                             f"{proc.stderr}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
     """The base (weights and tokenizer in one directory), the chat file, one 4-step run."""
@@ -51,7 +41,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
     tok.save_pretrained(base)
     chat = root / "chat.jsonl"
     chat.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chats(64, seed=3)))
-    proc = _run(cache_dir, root, "pretrain-train", "objective=sft", f"init_from={base}",
+    proc = run_script(cache_dir, root, "pretrain-train", "objective=sft", f"init_from={base}",
                 f"data.source={chat}", *RUN, f"output_root={root / 'runs'}", "run_name=sft")
     return {"root": root, "base": base, "chat": chat, "run_dir": root / "runs" / "sft",
             "stdout": proc.stdout}
@@ -119,7 +109,8 @@ def test_export_loads_in_transformers_with_our_logits_and_the_chat_template(
     from pretrain.train.consolidate import load_model_from_checkpoint
 
     exported = run["root"] / "exported"
-    proc = _run(cache_dir, run["root"], "pretrain-export-hf", str(run["run_dir"]), str(exported))
+    proc = run_script(cache_dir, run["root"], "pretrain-export-hf", str(run["run_dir"]),
+                      str(exported))
     assert "verified: transformers' logits match ours to " in proc.stdout, proc.stdout
     hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(exported)
